@@ -1,0 +1,246 @@
+"""Stage 1, representation learning: the Q-Former with its heads and the ITC, ITM, ITG losses.
+
+The vision tower is not in here: this model takes the frozen tower's tokens (b, n, d_v), from a
+live tower or from the feature cache, so it is the same code either way. Everything in this module
+trains: queries, Q-Former, `ln_vision`, the projections, the ITM and LM heads and the temperature.
+
+Legend: b batch, q queries, t text tokens, n image tokens, d width, d_v vision width,
+e embedding width (ITC), V vocabulary.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from qformer import masks
+from qformer.checkpoint import CheckpointError, load_state_dict_strict, read_model_dir, save_model
+from qformer.config import QFormerConfig
+from qformer.losses import (
+    gather_no_grad,
+    gather_with_grad,
+    itc_loss,
+    itg_loss,
+    itm_loss,
+    rank_and_world,
+    sample_itm_negatives,
+)
+from qformer.model import KV, QFormer
+
+
+class LMHead(nn.Module):
+    """BERT's prediction head. The output matrix is the word-embedding matrix (tied, as BERT and
+    the original do), passed in at call time so that the checkpoint holds one copy of it."""
+
+    def __init__(self, config: QFormerConfig) -> None:
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size)
+        self.act = nn.GELU() if config.hidden_act == "gelu" else nn.GELU(approximate="tanh")
+        self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        self.bias = nn.Parameter(torch.zeros(config.vocab_size))
+
+    def forward(self, hidden: Tensor, word_embeddings: Tensor) -> Tensor:
+        h = self.norm(self.act(self.dense(hidden)))
+        return F.linear(h, word_embeddings, self.bias)  # (b, t, V)
+
+
+class Stage1Model(nn.Module):
+    def __init__(
+        self,
+        config: QFormerConfig,
+        *,
+        itm_negatives: Literal["sample", "hardest"] = "sample",
+        itc_gather_grad: bool = False,
+        label_smoothing: float = 0.1,
+        reuse_image_kv: bool = True,
+        reuse_query_cache: bool = True,
+    ) -> None:
+        """
+        itm_negatives: "sample" draws ITM negatives from softmax(similarity) as the original;
+            "hardest" takes the most similar one (deterministic, to compare runs).
+        itc_gather_grad: gather other ranks' ITC features with gradient (the original: without).
+        reuse_image_kv / reuse_query_cache: the two reuses that make a step cheaper (see
+            `qformer.model`); turning them off recomputes everything and must give the same losses.
+        """
+        super().__init__()
+        if itm_negatives not in ("sample", "hardest"):
+            raise ValueError(f"`itm_negatives` must be 'sample' or 'hardest', got {itm_negatives!r}")
+        self.config = config
+        self.itm_negatives = itm_negatives
+        self.itc_gather_grad = itc_gather_grad
+        self.label_smoothing = label_smoothing
+        self.reuse_image_kv = reuse_image_kv
+        self.reuse_query_cache = reuse_query_cache
+
+        d = config.hidden_size
+        self.ln_vision = nn.LayerNorm(config.vision_width)  # on the frozen tokens, in fp32
+        self.qformer = QFormer(config)
+        self.vision_proj = nn.Linear(d, config.embed_dim)
+        self.text_proj = nn.Linear(d, config.embed_dim)
+        self.itm_head = nn.Linear(d, 2)
+        self.lm_head = LMHead(config)
+        self.temp = nn.Parameter(torch.tensor(config.init_temp))  # no clamp in BLIP-2
+        self._init_heads()
+
+    @torch.no_grad()
+    def _init_heads(self) -> None:
+        std = self.config.initializer_range
+        for m in (self.vision_proj, self.text_proj, self.itm_head, self.lm_head.dense):
+            nn.init.normal_(m.weight, std=std)
+            nn.init.zeros_(m.bias)
+
+    # ------------------------------------------------------------------ features (inference)
+    def encode_image(self, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
+        """Frozen tokens (b, n, d_v) -> query outputs (b, q, d) and normalised ITC features (b, q, e)."""
+        image = self.ln_vision(image_embeds.float())
+        out = self.qformer(image_embeds=image).query_output
+        return out, F.normalize(self.vision_proj(out), dim=-1)
+
+    def encode_text(self, input_ids: Tensor, text_mask: Tensor) -> tuple[Tensor, Tensor]:
+        """Text (b, t) -> hidden states (b, t, d) and the normalised ITC feature of [CLS] (b, e)."""
+        out = self.qformer(input_ids=input_ids, mask=masks.text_only_mask(text_mask), use_queries=False)
+        hidden = out.hidden_states
+        return hidden, F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
+
+    def itc_scores(self, image_feats: Tensor, text_feats: Tensor) -> Tensor:
+        """Cosine similarity (best query) of every image (I, q, e) with every text (T, e): (I, T)."""
+        return torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)
+
+    def itm_logits(self, image_embeds: Tensor, input_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """ITM logits (b, 2) of pairs (image_embeds[i], text[i]), averaged over the queries."""
+        image = self.ln_vision(image_embeds.float())
+        mask = masks.bidirectional_mask(self.config.num_query_tokens, text_mask)
+        out = self.qformer(input_ids=input_ids, mask=mask, image_embeds=image)
+        return self.itm_head(out.query_output).mean(dim=1)
+
+    # ------------------------------------------------------------------ training
+    def forward(
+        self,
+        image_embeds: Tensor,
+        input_ids: Tensor,
+        text_mask: Tensor,
+        *,
+        image_ids: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, Tensor]:
+        """The three stage-1 losses on a batch of b pairs.
+
+        image_embeds: (b, n, d_v) frozen vision tokens; input_ids / text_mask: (b, t) tokenized
+        captions starting with [CLS]; image_ids: (b,) optional, pairs sharing an id are positives.
+        Returns {"itc", "itm", "itg", "loss"} where loss is their (equally weighted) sum.
+        """
+        cfg = self.config
+        if image_embeds.shape[0] != input_ids.shape[0] or input_ids.shape != text_mask.shape:
+            raise ValueError(
+                f"Batch mismatch: image_embeds {tuple(image_embeds.shape)}, input_ids "
+                f"{tuple(input_ids.shape)}, text_mask {tuple(text_mask.shape)}; need one caption per image."
+            )
+        b, q = input_ids.shape[0], cfg.num_query_tokens
+        qformer = self.qformer
+
+        # step 1: trainable LayerNorm on the frozen tokens (fp32), and their cross-attention K/V,
+        # computed once and shared by the query pass and the ITM pass
+        image = self.ln_vision(image_embeds.float())  # (b, n, d_v)
+        image_kv = qformer.image_kv(image) if self.reuse_image_kv else None
+
+        # step 2: query pass (image side of ITC), keeping its query keys/values for ITG
+        query_pass = qformer(image_embeds=image, image_kv=image_kv, return_cache=self.reuse_query_cache)
+        image_feats = F.normalize(self.vision_proj(query_pass.query_output), dim=-1)  # (b, q, e)
+
+        # step 3: text pass (text side of ITC): no queries, no image
+        _, text_feat = self.encode_text(input_ids, text_mask)  # (b, e)
+
+        # step 4: ITC
+        itc = itc_loss(
+            image_feats,
+            text_feat,
+            self.temp,
+            image_ids=image_ids,
+            label_smoothing=self.label_smoothing,
+            gather_grad=self.itc_gather_grad,
+        )
+
+        # step 5: ITM on [positive pairs; (image, negative text); (negative image, text)]
+        neg_text, neg_image = sample_itm_negatives(
+            itc.sim_i2t,
+            itc.sim_t2i,
+            image_ids=image_ids,
+            hardest=self.itm_negatives == "hardest",
+            generator=generator,
+        )
+        ids_all, mask_all = gather_no_grad(input_ids), gather_no_grad(text_mask)
+        itm_ids = torch.cat([input_ids, input_ids, ids_all[neg_text]], dim=0)  # (3b, t)
+        itm_text_mask = torch.cat([text_mask, text_mask, mask_all[neg_text]], dim=0)
+        itm_kv = self._itm_image_kv(image, image_kv, neg_image)
+        itm_pass = qformer(
+            input_ids=itm_ids,
+            mask=masks.bidirectional_mask(q, itm_text_mask),
+            image_kv=itm_kv,
+        )
+        itm_logits = self.itm_head(itm_pass.query_output).mean(dim=1)  # (3b, 2)
+        itm = itm_loss(itm_logits, num_positives=b)
+
+        # step 6: ITG: [DEC] replaces [CLS]; text sees all queries and earlier text
+        dec_ids = input_ids.clone()
+        dec_ids[:, 0] = cfg.dec_token_id
+        labels = dec_ids.masked_fill(text_mask == 0, -100)
+        if self.reuse_query_cache:
+            itg_pass = qformer(
+                input_ids=dec_ids,
+                mask=masks.multimodal_causal_mask(q, text_mask, text_rows_only=True),
+                use_queries=False,
+                past_kv=query_pass.query_cache,
+            )
+        else:
+            itg_pass = qformer(
+                input_ids=dec_ids, mask=masks.multimodal_causal_mask(q, text_mask), image_embeds=image
+            )
+        lm_logits = self.lm_head(itg_pass.text_output, qformer.embeddings.word.weight)  # (b, t, V)
+        itg = itg_loss(lm_logits, labels, label_smoothing=self.label_smoothing)
+
+        return {"itc": itc.loss, "itm": itm, "itg": itg, "loss": itc.loss + itm + itg}
+
+    def _itm_image_kv(self, image: Tensor, image_kv: list[KV | None] | None, neg_image: Tensor):
+        """Cross-attention input for the ITM batch: images [pos; neg; pos] against texts [pos; pos; neg]."""
+        _, world = rank_and_world()
+        if image_kv is None:  # no reuse: project the 3b images again
+            images_all = gather_with_grad(image)
+            return self.qformer.image_kv(torch.cat([image, images_all[neg_image], image], dim=0))
+        if world == 1:  # negatives are local images: reuse their keys/values
+            neg_kv = [None if kv is None else (kv[0][neg_image], kv[1][neg_image]) for kv in image_kv]
+        else:  # negatives may live on other ranks: gather their tokens (with gradient), project them
+            neg_kv = self.qformer.image_kv(gather_with_grad(image)[neg_image])
+        return [
+            None if kv is None else (torch.cat([kv[0], nk[0], kv[0]]), torch.cat([kv[1], nk[1], kv[1]]))
+            for kv, nk in zip(image_kv, neg_kv)
+        ]
+
+    # ------------------------------------------------------------------ checkpoints
+    KIND = "qformer-stage1"
+
+    def options(self) -> dict:
+        return {
+            "itm_negatives": self.itm_negatives,
+            "itc_gather_grad": self.itc_gather_grad,
+            "label_smoothing": self.label_smoothing,
+        }
+
+    def save_pretrained(self, directory: str | Path) -> Path:
+        """`config.json` (architecture and options) and `model.safetensors` (all weights)."""
+        config = {"kind": self.KIND, "qformer": self.config.to_dict(), "options": self.options()}
+        return save_model(self, directory, config)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, **overrides) -> Stage1Model:
+        config, state_dict = read_model_dir(directory)
+        if config.get("kind") != cls.KIND:
+            raise CheckpointError(
+                f"{directory} is a {config.get('kind', 'unknown')!r} checkpoint, not a stage-1 one ({cls.KIND!r})."
+            )
+        model = cls(QFormerConfig.from_dict(config["qformer"]), **{**config.get("options", {}), **overrides})
+        load_state_dict_strict(model, state_dict, source=str(directory))
+        return model
