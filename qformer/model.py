@@ -204,12 +204,7 @@ class QFormer(nn.Module):
     def image_kv(self, image_embeds: Tensor) -> list[KV | None]:
         """Cross-attention keys/values of the image tokens (b, n, d_v) for every layer (None where
         a layer has no cross-attention). Compute once per image, pass to as many passes as needed."""
-        if image_embeds.dim() != 3 or image_embeds.shape[-1] != self.config.vision_width:
-            raise ValueError(
-                f"Image tokens must be (batch, tokens, {self.config.vision_width}) to match "
-                f"QFormerConfig.vision_width, got shape {tuple(image_embeds.shape)}. Use the vision "
-                f"tower the Q-Former was built for, or set `vision_width={image_embeds.shape[-1]}`."
-            )
+        check_image_tokens(image_embeds, self.config.vision_width)
         dtype = self.query_tokens.dtype
         image_embeds = image_embeds.to(dtype)
         return [
@@ -288,6 +283,15 @@ class QFormer(nn.Module):
                 f"{int(input_ids.min())} to {int(input_ids.max())}: is the tokenizer the one this "
                 f"Q-Former was built with?"
             )
+
+
+def check_image_tokens(image_embeds: Tensor, vision_width: int) -> None:
+    if image_embeds.dim() != 3 or image_embeds.shape[-1] != vision_width:
+        raise ValueError(
+            f"Image tokens must be (batch, tokens, {vision_width}) to match QFormerConfig.vision_width, "
+            f"got shape {tuple(image_embeds.shape)}. Use the vision tower the Q-Former was built for, "
+            f"or set `vision_width={image_embeds.shape[-1]}`."
+        )
 
 
 def _kv_batch(image_kv: list[KV | None] | None) -> int:

@@ -29,7 +29,7 @@ from qformer.losses import (
     rank_and_world,
     sample_itm_negatives,
 )
-from qformer.model import KV, QFormer
+from qformer.model import KV, QFormer, check_image_tokens
 
 
 class LMHead(nn.Module):
@@ -93,10 +93,15 @@ class Stage1Model(nn.Module):
             nn.init.normal_(m.weight, std=std)
             nn.init.zeros_(m.bias)
 
+    def vision_tokens(self, image_embeds: Tensor) -> Tensor:
+        """The trainable LayerNorm on the frozen tower's tokens (b, n, d_v), computed in fp32."""
+        check_image_tokens(image_embeds, self.config.vision_width)
+        return self.ln_vision(image_embeds.float())
+
     # ------------------------------------------------------------------ features (inference)
     def encode_image(self, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
         """Frozen tokens (b, n, d_v) -> query outputs (b, q, d) and normalised ITC features (b, q, e)."""
-        image = self.ln_vision(image_embeds.float())
+        image = self.vision_tokens(image_embeds)
         out = self.qformer(image_embeds=image).query_output
         return out, F.normalize(self.vision_proj(out), dim=-1)
 
@@ -112,7 +117,7 @@ class Stage1Model(nn.Module):
 
     def itm_logits(self, image_embeds: Tensor, input_ids: Tensor, text_mask: Tensor) -> Tensor:
         """ITM logits (b, 2) of pairs (image_embeds[i], text[i]), averaged over the queries."""
-        image = self.ln_vision(image_embeds.float())
+        image = self.vision_tokens(image_embeds)
         mask = masks.bidirectional_mask(self.config.num_query_tokens, text_mask)
         out = self.qformer(input_ids=input_ids, mask=mask, image_embeds=image)
         return self.itm_head(out.query_output).mean(dim=1)
@@ -144,7 +149,7 @@ class Stage1Model(nn.Module):
 
         # step 1: trainable LayerNorm on the frozen tokens (fp32), and their cross-attention K/V,
         # computed once and shared by the query pass and the ITM pass
-        image = self.ln_vision(image_embeds.float())  # (b, n, d_v)
+        image = self.vision_tokens(image_embeds)  # (b, n, d_v)
         image_kv = qformer.image_kv(image) if self.reuse_image_kv else None
 
         # step 2: query pass (image side of ITC), keeping its query keys/values for ITG

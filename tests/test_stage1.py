@@ -1,0 +1,168 @@
+"""The stage-1 model: reuse of image K/V and the query cache, gradient flow, bad input."""
+
+import pytest
+import torch
+from torch import nn
+
+from qformer import QFormer, QFormerConfig, Stage1Model, masks
+from qformer.checkpoint import CheckpointError
+
+CFG = QFormerConfig.from_name("tiny", hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def batch(b=4, n=7, t=6, cfg=CFG, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(b, n, cfg.vision_width, generator=g)
+    ids = torch.randint(1, cfg.vocab_size - 1, (b, t), generator=g)
+    mask = torch.ones(b, t, dtype=torch.long)
+    mask[1, t - 2 :] = 0
+    mask[2, t - 1 :] = 0
+    ids = ids.masked_fill(mask == 0, cfg.pad_token_id)
+    return image, ids, mask
+
+
+def grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_reuse_leaves_every_loss_and_gradient_unchanged():
+    fast = Stage1Model(CFG, itm_negatives="hardest")
+    slow = Stage1Model(CFG, itm_negatives="hardest", reuse_image_kv=False, reuse_query_cache=False)
+    slow.load_state_dict(fast.state_dict())
+    image, ids, mask = batch()
+    out_fast, out_slow = fast(image, ids, mask), slow(image, ids, mask)
+    for key in ("itc", "itm", "itg", "loss"):
+        torch.testing.assert_close(out_fast[key], out_slow[key], rtol=1e-5, atol=1e-6)
+    out_fast["loss"].backward()
+    out_slow["loss"].backward()
+    g_fast, g_slow = grads(fast), grads(slow)
+    assert g_fast.keys() == g_slow.keys() and len(g_fast) == len(list(fast.parameters()))
+    for name in g_fast:
+        torch.testing.assert_close(g_fast[name], g_slow[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_itg_loss_reaches_queries_and_cross_attention_through_the_cache():
+    model = Stage1Model(CFG)
+    image, ids, mask = batch()
+    model(image, ids, mask)["itg"].backward()
+    assert model.qformer.query_tokens.grad.abs().sum() > 0
+    for i in model.qformer.cross_attention_layers:
+        assert model.qformer.layers[i].cross_attn.k.weight.grad.abs().sum() > 0
+    assert model.ln_vision.weight.grad.abs().sum() > 0
+    # ITG does not use the ITC/ITM heads
+    assert model.itm_head.weight.grad is None and model.vision_proj.weight.grad is None
+
+
+def test_no_loss_reaches_the_frozen_tower():
+    tower = nn.Linear(5, CFG.vision_width).requires_grad_(False)
+    before = tower.weight.clone()
+    model = Stage1Model(CFG)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    _, ids, mask = batch()
+    pixels = torch.randn(4, 7, 5)
+    model(tower(pixels), ids, mask)["loss"].backward()
+    opt.step()
+    assert tower.weight.grad is None
+    assert torch.equal(tower.weight, before)
+
+
+def test_text_pass_never_sees_the_image():
+    model = Stage1Model(CFG).eval()
+    _, ids, mask = batch()
+    h1, f1 = model.encode_text(ids, mask)
+    # the text-only pass takes no image at all; the ITM pass's *text* rows see the image only
+    # through the queries: with queries masked out as keys for text, text outputs ignore the image
+    m = masks.bidirectional_mask(CFG.num_query_tokens, mask).clone()
+    m[:, :, CFG.num_query_tokens :, : CFG.num_query_tokens] = False
+    img_a, img_b = torch.randn(4, 7, 24), torch.randn(4, 7, 24)
+    out_a = model.qformer(input_ids=ids, mask=m, image_embeds=img_a).text_output
+    out_b = model.qformer(input_ids=ids, mask=m, image_embeds=img_b).text_output
+    torch.testing.assert_close(out_a, out_b)
+    assert h1.shape == (4, 6, CFG.hidden_size) and f1.shape == (4, CFG.embed_dim)
+
+
+def test_cross_attention_layers_and_query_init():
+    cfg = QFormerConfig.from_name("blip2", num_layers=5, cross_attention_freq=2)
+    q = QFormer(cfg)
+    assert q.cross_attention_layers == [0, 2, 4]
+    assert q.layers[0].cross_attn.k.weight.shape == (768, 1408)
+    std = q.query_tokens.std().item()
+    assert 0.018 < std < 0.022  # normal(0, 0.02), never zeros
+
+
+def test_padding_does_not_change_real_tokens():
+    model = Stage1Model(CFG).eval()
+    image, ids, mask = batch(b=3)
+    image, short_ids, short_mask = image[:1], ids[:1, :4], mask[:1, :4]
+    padded_ids = torch.cat([short_ids, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    padded_mask = torch.cat([short_mask, torch.zeros(1, 3, dtype=torch.long)], dim=1)
+    a = model.itm_logits(image, short_ids, short_mask)
+    b = model.itm_logits(image, padded_ids, padded_mask)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_image_ids_in_the_batch():
+    model = Stage1Model(CFG)
+    image, ids, mask = batch()
+    out = model(image, ids, mask, image_ids=torch.tensor([0, 0, 1, 2]))
+    assert all(torch.isfinite(v) for v in out.values())
+
+
+# ---------------------------------------------------------------- bad input
+def test_wrong_image_width_is_named():
+    model = Stage1Model(CFG)
+    _, ids, mask = batch()
+    with pytest.raises(ValueError, match=r"vision_width.*\(4, 7, 30\)|\(4, 7, 30\).*vision_width"):
+        model(torch.randn(4, 7, 30), ids, mask)
+
+
+def test_text_longer_than_position_table():
+    model = Stage1Model(CFG)
+    t = CFG.max_position_embeddings + 1
+    ids = torch.ones(4, t, dtype=torch.long)
+    with pytest.raises(ValueError, match=f"{t} tokens.*max_position_embeddings={CFG.max_position_embeddings}"):
+        model(torch.randn(4, 7, 24), ids, torch.ones_like(ids))
+
+
+def test_token_ids_out_of_vocab():
+    model = Stage1Model(CFG)
+    ids = torch.full((4, 5), CFG.vocab_size + 3)
+    with pytest.raises(ValueError, match="vocab_size"):
+        model.encode_text(ids, torch.ones_like(ids))
+
+
+def test_batch_mismatch():
+    model = Stage1Model(CFG)
+    image, ids, mask = batch()
+    with pytest.raises(ValueError, match="one caption per image"):
+        model(image[:3], ids, mask)
+
+
+def test_checkpoint_round_trip_and_wrong_shapes(tmp_path):
+    model = Stage1Model(CFG)
+    model.save_pretrained(tmp_path / "a")
+    loaded = Stage1Model.from_pretrained(tmp_path / "a")
+    for (k, v), (k2, v2) in zip(model.state_dict().items(), loaded.state_dict().items()):
+        assert k == k2 and torch.equal(v, v2)
+    wider = Stage1Model(QFormerConfig.from_name("tiny", embed_dim=8))
+    with pytest.raises(CheckpointError, match=r"vision_proj.weight: .*\(16, 32\) vs model \(8, 32\)"):
+        from qformer.checkpoint import load_state_dict_strict
+
+        load_state_dict_strict(wider, model.state_dict(), source="ckpt")
+
+
+def test_checkpoint_unexpected_and_missing_keys_are_named(tmp_path):
+    from qformer.checkpoint import load_state_dict_strict
+
+    model = Stage1Model(CFG)
+    sd = dict(model.state_dict())
+    sd["itm_head.extra"] = torch.zeros(1)
+    del sd["text_proj.bias"]
+    with pytest.raises(CheckpointError) as err:
+        load_state_dict_strict(model, sd)
+    assert "itm_head.extra" in str(err.value) and "text_proj.bias" in str(err.value)
+
+
+def test_missing_checkpoint_dir(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Stage1Model.from_pretrained(tmp_path)
