@@ -31,7 +31,7 @@ from qformer.config import QFormerConfig
 
 KV = tuple[Tensor, Tensor]  # keys and values, each (b, h, n, hs)
 
-_ACTIVATIONS = {
+ACTIVATIONS = {
     "gelu": nn.GELU,
     "gelu_new": lambda: nn.GELU(approximate="tanh"),
     "relu": nn.ReLU,
@@ -96,7 +96,7 @@ class FeedForward(nn.Module):
     def __init__(self, config: QFormerConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
-        self.act = _ACTIVATIONS[config.hidden_act]()
+        self.act = ACTIVATIONS[config.hidden_act]()
         self.fc2 = nn.Linear(config.intermediate_size, config.hidden_size)
         self.dropout = nn.Dropout(config.hidden_dropout)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
@@ -196,6 +196,7 @@ class QFormer(nn.Module):
                 nn.init.ones_(m.weight)
                 nn.init.zeros_(m.bias)
         nn.init.normal_(self.query_tokens, std=std)
+        self.embeddings.word.weight[self.config.pad_token_id].zero_()  # as BERT's init
 
     @property
     def cross_attention_layers(self) -> list[int]:

@@ -29,7 +29,7 @@ from qformer.losses import (
     rank_and_world,
     sample_itm_negatives,
 )
-from qformer.model import KV, QFormer, check_image_tokens
+from qformer.model import ACTIVATIONS, KV, QFormer, check_image_tokens
 
 
 class LMHead(nn.Module):
@@ -39,7 +39,7 @@ class LMHead(nn.Module):
     def __init__(self, config: QFormerConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
-        self.act = nn.GELU() if config.hidden_act == "gelu" else nn.GELU(approximate="tanh")
+        self.act = ACTIVATIONS[config.hidden_act]()  # BERT's head uses the trunk's activation
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.bias = nn.Parameter(torch.zeros(config.vocab_size))
 
