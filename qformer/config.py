@@ -40,6 +40,9 @@ class QFormerConfig:
     cross_attention_freq: int = 2
     # Width of the frozen vision tower's tokens (1408 for EVA ViT-g/14).
     vision_width: int = 1408
+    # eps of `ln_vision`, the trainable LayerNorm on the tower's tokens: 1e-5 in LAVIS (torch's
+    # default); transformers' BLIP-2 configs put 1e-6 on the same LayerNorm (`post_layernorm`).
+    vision_layer_norm_eps: float = 1e-5
     # --- stage-1 heads ---
     embed_dim: int = 256  # ITC projection width (vision_proj / text_proj)
     init_temp: float = 0.07

@@ -77,7 +77,7 @@ class Stage1Model(nn.Module):
         self.reuse_query_cache = reuse_query_cache
 
         d = config.hidden_size
-        self.ln_vision = nn.LayerNorm(config.vision_width)  # on the frozen tokens, in fp32
+        self.ln_vision = nn.LayerNorm(config.vision_width, eps=config.vision_layer_norm_eps)  # fp32
         self.qformer = QFormer(config)
         self.vision_proj = nn.Linear(d, config.embed_dim)
         self.text_proj = nn.Linear(d, config.embed_dim)
