@@ -422,3 +422,33 @@ def test_lavis_file_that_is_not_plain_tensors_is_refused(tmp_path):
     torch.save({"model": {"temp": torch.tensor(0.07), "note": "hello"}}, path)
     with pytest.raises(CheckpointError, match=re.escape(str(path)) + ".*'note'"):
         stage1_from_lavis(path, TINY)
+
+
+# ------------------------------------------------------------------ the `qformer import` command
+def test_cli_import_lavis_and_hf(tmp_path, capsys):
+    from qformer.cli import main
+
+    source = Stage1Model(TINY)
+    torch.save(lavis_state_dict(source), tmp_path / "blip2.pth")
+    assert main(["import", "--from", "lavis", str(tmp_path / "blip2.pth"), "--out", str(tmp_path / "a"), "--preset", "tiny"]) == 0
+    assert_same_weights(Stage1Model.from_pretrained(tmp_path / "a"), source)
+
+    hf = randomize_(Blip2ForImageTextRetrieval(to_hf_retrieval_config(TINY, tiny_vision_config(TINY.vision_width))))
+    hf.save_pretrained(tmp_path / "hf")
+    assert main(["import", "--from", "hf-blip2", str(tmp_path / "hf"), "--out", str(tmp_path / "b")]) == 0
+    imported = Stage1Model.from_pretrained(tmp_path / "b")
+    torch.testing.assert_close(imported.qformer.query_tokens, hf.query_tokens, rtol=0, atol=0)
+    assert "skipped" in capsys.readouterr().out  # the vision tower is reported, not silently dropped
+
+
+def test_cli_import_rejects_a_pickle(tmp_path, capsys):
+    from qformer.cli import main
+
+    torch.save({"model": {"query_tokens": torch.zeros(1, 4, 32), "opts": object.__new__(NotATensor)}}, tmp_path / "bad.pth")
+    assert main(["import", "--from", "lavis", str(tmp_path / "bad.pth"), "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert "bad.pth" in err and not (tmp_path / "x").exists()
+
+
+class NotATensor:
+    pass
