@@ -15,15 +15,15 @@ install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q $(TORCH)
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 # The fast suite first, then the slow checks (marked `slow`).
+# pytest exits 5 when a selection holds no test: no slow test yet is not a failure.
 test: install
 	$(PY) -m pytest -q -m "not slow"
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -m slow || [ $$? -eq 5 ]
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
