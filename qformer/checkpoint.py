@@ -49,32 +49,34 @@ class CheckpointError(ValueError):
 
 
 def load_state_dict_strict(
-    module: nn.Module,
+    module: nn.Module | dict[str, Tensor],
     state_dict: dict[str, Tensor],
     *,
     strict: bool = True,
     allow_missing: tuple[str, ...] = (),
     source: str = "checkpoint",
 ) -> LoadReport:
-    """Copy `state_dict` into `module`, checking names and shapes.
+    """Copy `state_dict` into `module` (a module, or a dict of its tensors to fill in place, for
+    loading a subset such as the trainable weights), checking names and shapes.
 
     allow_missing: key prefixes that may be absent (left as initialised) without failing, e.g. the
     cross-attention when initialising from a text-only BERT. They are still reported as missing.
     """
-    own = module.state_dict()
+    own = module if isinstance(module, dict) else module.state_dict()
+    target = "the model" if isinstance(module, dict) else type(module).__name__
     report = LoadReport()
     for key, value in state_dict.items():
         if key not in own:
             report.unexpected.append(key)
         elif tuple(value.shape) != tuple(own[key].shape):
-            report.mismatched.append(f"{key}: {source} {tuple(value.shape)} vs model {tuple(own[key].shape)}")
+            report.mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(own[key].shape)}")
         else:
             report.loaded.append(key)
     report.missing = [k for k in own if k not in state_dict]
     fatal_missing = [k for k in report.missing if not k.startswith(allow_missing)] if allow_missing else report.missing
     if strict and (fatal_missing or report.unexpected or report.mismatched):
         raise CheckpointError(
-            f"Cannot load {source} into {type(module).__name__}:\n{report.summary()}\n"
+            f"Cannot load {source} into {target}:\n{report.summary()}\n"
             "The checkpoint was made for another architecture or config; build the model from the "
             "checkpoint's own config.json, or convert the checkpoint with `qformer.convert`."
         )
@@ -84,12 +86,13 @@ def load_state_dict_strict(
     return report
 
 
-def save_model(module: nn.Module, directory: str | Path, config: dict) -> Path:
-    """Write `config.json` and `model.safetensors` (every tensor of `module`, contiguous)."""
+def save_model(module: nn.Module | dict[str, Tensor], directory: str | Path, config: dict) -> Path:
+    """Write `config.json` and `model.safetensors` (every tensor of `module`, or the given dict)."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     (directory / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
-    tensors = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    tensors = module if isinstance(module, dict) else module.state_dict()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     save_file(tensors, str(directory / WEIGHTS_NAME))
     return directory
 
