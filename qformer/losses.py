@@ -38,9 +38,28 @@ def gather_with_grad(x: Tensor) -> Tensor:
     _, world = rank_and_world()
     if world == 1:
         return x
-    import torch.distributed.nn.functional as dist_fn  # autograd-aware collectives
+    return _GatherWithGrad.apply(x)
 
-    return torch.cat(dist_fn.all_gather(x.contiguous()), dim=0)
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather forward; backward sums every rank's gradient of the gathered tensor and keeps
+    this rank's slice. (torch.distributed.nn's all_gather hands non-contiguous gradients to gloo's
+    all-to-all, which then returns wrong values; an all_reduce of a contiguous copy is safe on every
+    backend, at the cost of moving the whole gathered gradient.)"""
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        rank, world = rank_and_world()
+        ctx.rank, ctx.size = rank, x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad.narrow(0, ctx.rank * ctx.size, ctx.size)
 
 
 @dataclass

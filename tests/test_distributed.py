@@ -1,0 +1,52 @@
+"""Two processes with batch B each give what one process with batch 2B gives: the proof that the
+cross-process gathers and the rank offsets of the targets are right."""
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+SCRIPT = Path(__file__).parent / "scripts" / "two_process_stage1.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(out: Path, *args: str, processes: int) -> dict[str, torch.Tensor]:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    if processes == 1:
+        cmd = [sys.executable, str(SCRIPT), str(out), *args]
+    else:
+        cmd = [
+            sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", str(free_port()), str(SCRIPT), str(out), *args,
+        ]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return load_file(str(out))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("gather_grad", [False, True])
+def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, gather_grad):
+    args = ["--gather-grad"] if gather_grad else []
+    one = run(tmp_path / "one.safetensors", *args, processes=1)
+    two = run(tmp_path / "two.safetensors", *args, processes=2)
+    for term in ("itc", "itm", "itg", "loss"):
+        torch.testing.assert_close(two[f"loss.{term}"], one[f"loss.{term}"], rtol=0, atol=1e-5, msg=term)
+    grads = [k for k in one if k.startswith("grad.")]
+    assert grads and set(grads) == {k for k in two if k.startswith("grad.")}
+    if gather_grad:  # with gradient through the ITC gather, the gradients are those of one big batch
+        for k in grads:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
+    else:  # the original's gradient-free gather: other ranks' features get no ITC gradient
+        assert any(not torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-6) for k in grads)
