@@ -36,12 +36,85 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+RECIPES = {"stage1": "recipes.stage1", "stage2": "recipes.stage2"}
+
+
+def _recipe_module(config_path: str):
+    import importlib
+
+    from recipes.config import ConfigError, read_yaml
+
+    name = read_yaml(config_path).get("recipe")
+    if name not in RECIPES:
+        raise ConfigError(f"{config_path}: `recipe` is {name!r}; set it to one of {sorted(RECIPES)}.")
+    return importlib.import_module(RECIPES[name])
+
+
+def _train(args: argparse.Namespace) -> int:
+    return _recipe_module(args.config).main([args.config, *args.overrides])
+
+
+def _cache_features(args: argparse.Namespace) -> int:
+    from bridges.vision import VisionBridge
+    from qformer.data import load_pairs
+    from qformer.feature_cache import write_feature_cache
+    from recipes.config import ConfigError, load_config
+
+    module = _recipe_module(args.config)
+    settings_cls = next(v for k, v in vars(module).items() if k.endswith("Settings"))
+    s = load_config(settings_cls, args.config, args.overrides)
+    if not s.feature_cache:
+        raise ConfigError("Set `feature_cache=DIR` (where the tokens go; training then reads them from there).")
+    spec = s.vision
+    if not spec and getattr(s, "stage1", None):
+        from qformer.checkpoint import read_model_dir
+
+        spec = read_model_dir(s.stage1)[0].get("vision")
+    if not spec:
+        raise ConfigError("Set `vision` (the frozen tower whose tokens are cached).")
+    bridge = VisionBridge.from_spec(spec, device=args.device)
+    pairs = load_pairs(s.train_data, image_root=s.image_root)
+    out = write_feature_cache(bridge, pairs, s.feature_cache, batch_size=args.batch_size, on_bad_sample=s.on_bad_sample)
+    print(f"cached the tokens of {pairs.num_rows} pairs' images in {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qformer",
         description="Train BLIP-2 style Q-Former adapters between a frozen vision tower and a frozen LLM.",
     )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser(
+        "train",
+        help="run the training recipe a YAML config names (stage1 or stage2)",
+        description=(
+            "Run the recipe named by the config's `recipe:` key. Settings come from the YAML file; "
+            "key=value arguments override them (values parsed as YAML; dict settings take "
+            "dotted keys, e.g. vision.layer=-2). Several processes: launch with `accelerate "
+            "launch [--multi_gpu --num_processes N ...] -m qformer train CONFIG`."
+        ),
+    )
+    p.add_argument("config", help="recipe YAML, e.g. recipes/configs/blip2_stage1_eva_vitg.yaml")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser(
+        "cache-features",
+        help="run the frozen vision tower once over a dataset and store its tokens",
+        description=(
+            "Compute the frozen tower's tokens for every image of `train_data` (eval transform, no "
+            "augmentation) and write them to `feature_cache` as fp16 safetensors shards. A recipe "
+            "with `feature_cache` set then trains from them without running the tower. Resumable: "
+            "complete shards are kept."
+        ),
+    )
+    p.add_argument("config", help="the recipe YAML whose `train_data`, `vision` and `feature_cache` to use")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="setting overrides")
+    p.add_argument("--batch-size", type=int, default=32, help="images per tower forward (default 32)")
+    p.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
+    p.set_defaults(func=_cache_features)
 
     p = sub.add_parser(
         "import",

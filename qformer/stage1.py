@@ -234,9 +234,10 @@ class Stage1Model(nn.Module):
             "label_smoothing": self.label_smoothing,
         }
 
-    def save_pretrained(self, directory: str | Path) -> Path:
-        """`config.json` (architecture and options) and `model.safetensors` (all weights)."""
-        config = {"kind": self.KIND, "qformer": self.config.to_dict(), "options": self.options()}
+    def save_pretrained(self, directory: str | Path, *, extra: dict | None = None) -> Path:
+        """`config.json` (architecture, options, and `extra`: e.g. the vision tower's spec) and
+        `model.safetensors` (all weights)."""
+        config = {"kind": self.KIND, "qformer": self.config.to_dict(), "options": self.options(), **(extra or {})}
         return save_model(self, directory, config)
 
     @classmethod

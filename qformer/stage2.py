@@ -209,13 +209,14 @@ class Stage2Model(nn.Module):
             if not k.startswith(("vision.", "language."))
         }
 
-    def save_pretrained(self, directory: str | Path) -> Path:
+    def save_pretrained(self, directory: str | Path, *, vision_spec: dict | None = None) -> Path:
         """`config.json` naming the backbones, `model.safetensors` with the trainable weights only,
-        and the LLM's tokenizer files."""
+        and the LLM's tokenizer files. `vision_spec` names the tower of a model trained on cached
+        tokens (which holds none)."""
         config = {
             "kind": self.KIND,
             "qformer": self.config.to_dict(),
-            "vision": self.vision.spec if self.vision is not None else None,
+            "vision": vision_spec or (self.vision.spec if self.vision is not None else None),
             "language": self.language.spec,
         }
         directory = save_model(self.trainable_state_dict(), directory, config)

