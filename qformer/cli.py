@@ -6,6 +6,7 @@ Subcommands land with the parts they drive; each one's `--help` says what it doe
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -79,6 +80,50 @@ def _cache_features(args: argparse.Namespace) -> int:
     return 0
 
 
+def _eval(args: argparse.Namespace) -> int:
+    from qformer import evaluate
+
+    if args.task == "retrieval":
+        result = evaluate.evaluate_retrieval(args.checkpoint, args.data, k_test=args.k_test)
+        summary = {k: result[k] for k in ("itc", "itm")}
+    elif args.task == "caption":
+        result = evaluate.evaluate_captions(args.checkpoint, args.data, num_beams=args.num_beams)
+        summary = {k: v for k, v in result.items() if k != "samples"}
+    else:
+        result = evaluate.evaluate_vqa(args.checkpoint, args.data, num_beams=args.num_beams)
+        summary = {k: v for k, v in result.items() if k != "samples"}
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _images(paths: list[str], bridge):
+    from qformer.evaluate import image_pixels
+
+    return image_pixels(bridge, [Path(p) for p in paths])
+
+
+def _caption(args: argparse.Namespace) -> int:
+    from qformer.evaluate import load_stage2
+
+    model = load_stage2(args.checkpoint)
+    captions = model.generate(
+        pixel_values=_images(args.images, model.vision), num_beams=args.num_beams, max_new_tokens=args.max_new_tokens
+    )
+    for path, caption in zip(args.images, captions):
+        print(f"{path}\t{caption}")
+    return 0
+
+
+def _ask(args: argparse.Namespace) -> int:
+    from qformer.evaluate import load_stage2
+
+    model = load_stage2(args.checkpoint)
+    print(model.answer([args.question], pixel_values=_images([args.image], model.vision), num_beams=args.num_beams)[0])
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qformer",
@@ -115,6 +160,38 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per tower forward (default 32)")
     p.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
     p.set_defaults(func=_cache_features)
+
+    p = sub.add_parser(
+        "eval",
+        help="evaluate a checkpoint: retrieval (stage 1), caption or vqa (stage 2)",
+        description=(
+            "Score a checkpoint on a JSON list of {image, caption (string or list of references), "
+            "[scene_key], [qa]} records: retrieval recall@1/5/10 both ways by ITC and after ITM "
+            "re-ranking of the top k (stage-1 checkpoint); BLEU-4 and CIDEr of generated captions; "
+            "VQAv2 accuracy of zero-shot answers (stage-2 checkpoint). Writes every number to --out."
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, help="a model directory written by a recipe")
+    p.add_argument("--task", required=True, choices=["retrieval", "caption", "vqa"])
+    p.add_argument("--data", required=True, help="evaluation records (JSON list or JSONL)")
+    p.add_argument("--out", required=True, help="where to write the results (JSON)")
+    p.add_argument("--k-test", type=int, default=128, help="retrieval: candidates re-ranked by ITM (default 128)")
+    p.add_argument("--num-beams", type=int, default=5, help="caption/vqa: beam size (default 5)")
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser("caption", help="caption image files with a stage-2 checkpoint")
+    p.add_argument("--checkpoint", required=True, help="a stage-2 model directory")
+    p.add_argument("--num-beams", type=int, default=5, help="beam size (default 5; 1 is greedy)")
+    p.add_argument("--max-new-tokens", type=int, default=30, help="longest caption in tokens (default 30)")
+    p.add_argument("images", nargs="+", metavar="IMAGE", help="image files (any size or mode)")
+    p.set_defaults(func=_caption)
+
+    p = sub.add_parser("ask", help="answer a question about an image (zero-shot VQA prompt)")
+    p.add_argument("--checkpoint", required=True, help="a stage-2 model directory")
+    p.add_argument("--num-beams", type=int, default=5, help="beam size (default 5)")
+    p.add_argument("image", help="an image file")
+    p.add_argument("question", help='e.g. "what colour is the circle?"')
+    p.set_defaults(func=_ask)
 
     p = sub.add_parser(
         "import",

@@ -220,3 +220,53 @@ def test_missing_image_names_file_and_row_or_is_skipped(world, tmp_path, capsys)
     assert main(stage1_args(world, tmp_path / "b", f"train_data={bad}", "batch_size=19", "max_steps=1",
                             "on_bad_sample=skip")) == 0  # fmt: skip
     assert "skipped 1 of 19 samples" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------------ eval, caption, ask
+@pytest.fixture(scope="module")
+def stage2_run(world, stage1_run):
+    out = world["tmp"] / "stage2_for_eval"
+    args = ["train", str(CONFIGS / "tiny_stage2.yaml"), f"output_dir={out}", f"train_data={world['train']}",
+            f"stage1={stage1_run / 'model'}", f"llm={world['opt']}", "max_steps=2"]  # fmt: skip
+    assert main(args) == 0
+    return out / "model"
+
+
+def test_eval_writes_every_metric(world, stage1_run, stage2_run, tmp_path):
+    test = str(world["tmp"] / "data" / "test.json")
+    assert main(["eval", "--checkpoint", str(stage1_run / "model"), "--task", "retrieval", "--data", test,
+                 "--out", str(tmp_path / "r.json"), "--k-test", "4"]) == 0  # fmt: skip
+    r = json.loads((tmp_path / "r.json").read_text())
+    assert r["hit"] == "same scene" and r["num_images"] == 8 and r["num_texts"] == 40
+    for scores in (r["itc"], r["itm"], r["instance"]["itc"]):
+        assert {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"} <= set(scores) and 0 <= scores["i2t_r1"] <= 1
+    assert main(["eval", "--checkpoint", str(stage2_run), "--task", "caption", "--data", test,
+                 "--out", str(tmp_path / "c.json"), "--num-beams", "1"]) == 0  # fmt: skip
+    c = json.loads((tmp_path / "c.json").read_text())
+    assert {"bleu4", "cider", "exact_match"} <= set(c) and len(c["samples"]) == 8
+    assert main(["eval", "--checkpoint", str(stage2_run), "--task", "vqa", "--data", test,
+                 "--out", str(tmp_path / "v.json"), "--num-beams", "1"]) == 0  # fmt: skip
+    v = json.loads((tmp_path / "v.json").read_text())
+    assert 0 <= v["accuracy"] <= 1 and v["num_questions"] > 8
+
+
+def test_caption_and_ask_take_any_image_file(stage2_run, tmp_path, capsys):
+    from PIL import Image
+
+    Image.new("L", (50, 17), 128).save(tmp_path / "grey.png")
+    Image.new("RGBA", (40, 90), (255, 0, 0, 100)).save(tmp_path / "rgba.png")
+    assert main(["caption", "--checkpoint", str(stage2_run), "--num-beams", "1", "--max-new-tokens", "5",
+                 str(tmp_path / "grey.png"), str(tmp_path / "rgba.png")]) == 0  # fmt: skip
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 and lines[0].startswith(str(tmp_path / "grey.png"))
+    assert main(["ask", "--checkpoint", str(stage2_run), "--num-beams", "1", str(tmp_path / "grey.png"), "what is it?"]) == 0
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert main(["ask", "--checkpoint", str(stage2_run), str(tmp_path / "notes.txt"), "what?"]) == 2
+    assert "notes.txt" in capsys.readouterr().err
+
+
+def test_eval_of_the_wrong_checkpoint_kind_says_so(world, stage1_run, tmp_path, capsys):
+    test = str(world["tmp"] / "data" / "test.json")
+    assert main(["eval", "--checkpoint", str(stage1_run / "model"), "--task", "caption", "--data", test,
+                 "--out", str(tmp_path / "x.json")]) == 2  # fmt: skip
+    assert "need a stage-2 checkpoint" in capsys.readouterr().err
