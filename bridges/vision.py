@@ -144,10 +144,18 @@ class VisionBridge(nn.Module):
         """An open_clip model's vision tower, e.g. ("EVA01-g-14", "laion400m_s11b_b41k") or
         ("ViT-L-14", "openai"). `pretrained` is an open_clip tag or a local weights file of the
         whole CLIP model (.safetensors, .bin, .pt; loaded strictly by open_clip); None gives
-        random weights. Works for open_clip's `VisionTransformer` and for timm ViT/EVA towers."""
+        random weights. Works for open_clip's `VisionTransformer` and for timm ViT/EVA towers.
+        `model_name` may also be the path of an open_clip model config (`NAME.json`): it is
+        registered first, so a checkpoint naming it loads in any process."""
         import open_clip
         from open_clip.timm_model import TimmModel
         from open_clip.transformer import VisionTransformer
+
+        spec_name = model_name
+        if model_name.endswith(".json") and os.path.isfile(model_name):
+            spec_name = os.path.abspath(model_name)
+            open_clip.add_model_config(spec_name)  # registered under the file's stem
+            model_name = os.path.splitext(os.path.basename(spec_name))[0]
 
         is_tag = pretrained is not None and open_clip.get_pretrained_cfg(model_name, pretrained)
         if pretrained is not None and not is_tag and os.path.isfile(pretrained):
@@ -187,7 +195,7 @@ class VisionBridge(nn.Module):
 
         if device is not None:
             visual.to(device)
-        spec = {"source": "open_clip", "name": model_name, "pretrained": pretrained, "layer": layer}
+        spec = {"source": "open_clip", "name": spec_name, "pretrained": pretrained, "layer": layer}
         return cls(
             visual,
             source="open_clip",

@@ -364,3 +364,17 @@ def test_load_image(tmp_path):
         load_image(text)
     with pytest.raises(ValueError, match="not found: .*missing.jpg"):
         load_image(tmp_path / "missing.jpg")
+
+
+def test_an_open_clip_config_file_is_registered_and_kept_in_the_spec(tmp_path):
+    import open_clip
+    from tiny_models import save_open_clip_vit
+
+    name, weights = save_open_clip_vit(tmp_path, name="qformer-test-config-file-vit")
+    open_clip.factory._MODEL_CONFIGS.pop(name)  # as in a fresh process: nothing registered
+    bridge = VisionBridge.from_open_clip(str(tmp_path / f"{name}.json"), weights)
+    assert bridge.spec["name"] == str(tmp_path / f"{name}.json")
+    open_clip.factory._MODEL_CONFIGS.pop(name)
+    again = VisionBridge.from_spec(bridge.spec)
+    x = pixels()
+    torch.testing.assert_close(again(x), bridge(x))
