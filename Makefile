@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: install test test-fast test-slow clean
+.PHONY: install test test-fast demo clean
 
 install: $(VENV)/.installed
 
@@ -22,6 +22,10 @@ $(VENV)/.installed: pyproject.toml Makefile
 # One run: the fast suite first, then the slow checks (marked `slow`; tests/conftest.py orders them).
 test: install
 	$(PY) -m pytest -q
+
+# BLIP-2 end to end on ShapesWorld (about 10 minutes on a 2-core CPU; backbones cached after)
+demo: install
+	$(PY) -m qformer demo --out runs/demo
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
