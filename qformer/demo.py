@@ -20,6 +20,12 @@ from typing import Any, Literal
 import torch
 
 
+# The world's LMs were pre-trained on "scene : <words> . caption : ..." and "... question : ...
+# answer : ...": the soft visual prompt takes the place of the scene words.
+CAPTION_PROMPT = ". caption :"
+VQA_TEMPLATE = ". question : {} answer :"
+
+
 @dataclass
 class DemoPlan:
     """How much of everything: the only knobs the demo has. `scale` stretches every training
@@ -122,9 +128,8 @@ def run_demo(
     if minutes is not None and not fast:
         left = minutes * 60 - (time.perf_counter() - started)
         plan = plan.scaled(max(0.1, left / _default_training_seconds()))
-    vision = {"source": "open_clip", "name": backbones["vit_name"], "pretrained": backbones["vit_weights"],
-              "layer": -2, "config": backbones.get("vit_config")}  # fmt: skip
-    vision = {k: v for k, v in vision.items() if v is not None and k != "config"}
+    # the tower's config file as its name: checkpoints then load it in any process
+    vision = {"source": "open_clip", "name": backbones["vit_config"], "pretrained": backbones["vit_weights"], "layer": -2}
 
     # step 3: run the tower once over the training images (eval transform, fp16 on disk)
     with clock.phase("feature cache"):
@@ -158,7 +163,7 @@ def run_demo(
             output_dir=str(out / name), llm=backbones["llm_dir"], stage1=stage1, vision=vision,
             tokenizer=str(tokenizer_dir), qformer_preset="tiny", qformer=qformer if stage1 is None else {},
             max_steps=plan.stage2_steps, save_every=plan.stage2_steps, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5,
-            warmup_steps=max(1, plan.stage2_steps // 20), **common,
+            warmup_steps=max(1, plan.stage2_steps // 20), prompt=CAPTION_PROMPT, vqa_template=VQA_TEMPLATE, **common,
         )  # fmt: skip
         _run(Stage2Recipe(s2))
         return out / name / "model"

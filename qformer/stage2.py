@@ -55,8 +55,12 @@ class Stage2Model(nn.Module):
         *,
         language: LanguageBridge,
         vision: VisionBridge | None = None,
+        prompt: str | None = None,
+        vqa_template: str = VQA_PROMPT,
     ) -> None:
-        """`vision` may be None when training from cached tower tokens (`image_tokens=`)."""
+        """`vision` may be None when training from cached tower tokens (`image_tokens=`).
+        `prompt`: the text after the soft prompt that captions were trained with (used by
+        `generate` when no prompts are given); `vqa_template`: how `answer` asks questions."""
         super().__init__()
         if vision is not None and vision.width != config.vision_width:
             raise ValueError(
@@ -64,7 +68,11 @@ class Stage2Model(nn.Module):
                 f"vision_width={config.vision_width}: build the Q-Former for this tower, or use the "
                 f"tower it was trained with."
             )
+        if "{}" not in vqa_template:
+            raise ValueError(f"vqa_template={vqa_template!r} needs a {{}} where the question goes.")
         self.config = config
+        self.prompt = prompt
+        self.vqa_template = vqa_template
         self.vision = vision  # frozen (inside the bridge)
         self.ln_vision = nn.LayerNorm(config.vision_width, eps=config.vision_layer_norm_eps)
         self.qformer = QFormer(config)
@@ -123,6 +131,8 @@ class Stage2Model(nn.Module):
         """Captions (or answers, with prompts) for a batch of images; decoding settings go to the
         language bridge (num_beams=5, max_new_tokens=30, min_new_tokens=1 by default)."""
         soft = self.soft_prompt(pixel_values=pixel_values, image_tokens=image_tokens)
+        if prompts is None and self.prompt:
+            prompts = [self.prompt] * soft.shape[0]
         return self.language.generate(soft, prompts, **generation)
 
     def answer(
@@ -131,12 +141,13 @@ class Stage2Model(nn.Module):
         *,
         pixel_values: Tensor | None = None,
         image_tokens: Tensor | None = None,
-        template: str = VQA_PROMPT,
+        template: str | None = None,
         **generation: Any,
     ) -> list[str]:
-        """Zero-shot VQA as BLIP-2 does it: the question in a prompt template, short beam search."""
+        """Zero-shot VQA as BLIP-2 does it: the question in a prompt template (by default the
+        model's `vqa_template`, "Question: {} Short answer:"), short beam search."""
         settings = {"num_beams": 5, "max_new_tokens": 10, "min_new_tokens": 1, **generation}
-        prompts = [template.format(q) for q in questions]
+        prompts = [(template or self.vqa_template).format(q) for q in questions]
         return self.generate(pixel_values=pixel_values, image_tokens=image_tokens, prompts=prompts, **settings)
 
     # ------------------------------------------------------------------ what trains
@@ -218,6 +229,8 @@ class Stage2Model(nn.Module):
             "qformer": self.config.to_dict(),
             "vision": vision_spec or (self.vision.spec if self.vision is not None else None),
             "language": self.language.spec,
+            "prompt": self.prompt,
+            "vqa_template": self.vqa_template,
         }
         directory = save_model(self.trainable_state_dict(), directory, config)
         self.language.tokenizer.save_pretrained(directory / "tokenizer")
@@ -244,7 +257,13 @@ class Stage2Model(nn.Module):
         # the tokenizer saved with the checkpoint, not whatever the LLM's name resolves to today
         tokenizer = AutoTokenizer.from_pretrained(Path(directory) / "tokenizer")
         language = LanguageBridge.from_spec(config["language"], tokenizer=tokenizer, device=device)
-        model = cls(QFormerConfig.from_dict(config["qformer"]), language=language, vision=vision)
+        model = cls(
+            QFormerConfig.from_dict(config["qformer"]),
+            language=language,
+            vision=vision,
+            prompt=config.get("prompt"),
+            vqa_template=config.get("vqa_template", VQA_PROMPT),
+        )
         load_state_dict_strict(
             model.trainable_state_dict(), state_dict, source=str(directory)
         )

@@ -45,6 +45,7 @@ class Stage2Settings(common.TrainSettings):
     qformer_preset: str = "blip2"
     qformer: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None  # e.g. "a photo of": a text prompt after the soft prompt (no loss on it)
+    vqa_template: str = "Question: {} Short answer:"  # how the trained model asks questions (zero-shot VQA)
     prefix_lm: bool = False  # encoder-decoder LLMs: split captions at random (prefix-LM pretraining)
     max_text_len: int = 32
     warmup_steps: int = 2000
@@ -113,7 +114,7 @@ class Stage2Recipe:
         language = LanguageBridge.from_pretrained(
             s.llm, device=acc.device, compute_dtype=s.llm_dtype, end_of_text=s.end_of_text
         )
-        model = Stage2Model(config, language=language, vision=self.vision)
+        model = Stage2Model(config, language=language, vision=self.vision, prompt=s.prompt, vqa_template=s.vqa_template)
         if s.stage1:
             report = model.load_stage1(s.stage1)
             if acc.is_main_process:

@@ -1,0 +1,680 @@
+"""Tiny frozen backbones for ShapesWorld, trained here because none can be downloaded.
+
+BLIP-2 needs a frozen image encoder and a frozen language model. For ShapesWorld we train our own,
+in minutes on a CPU, and save them in their libraries' own formats so that the project's bridges
+load them exactly as they would load a downloaded backbone:
+
+    paths = ensure_backbones("simple")                       # trains once, then reuses the cache
+    open_clip.add_model_config(paths["vit_config"])          # ensure_backbones already did this
+    vision = VisionBridge.from_open_clip(paths["vit_name"], paths["vit_weights"])
+    language = LanguageBridge.from_pretrained(paths["llm_dir"])
+
+* The image encoder is an open_clip CLIP with a tiny ViT (no pre-LN, GELU, so transformers' BLIP-2
+  vision layout can express it) and a tiny text tower, trained contrastively with open_clip's
+  `ClipLoss` on (image, caption) pairs of a world generated into the cache. Its position embedding
+  is initialised 8x larger than open_clip's default: with the default a tiny ViT trained for
+  minutes on plain backgrounds never learns where things are.
+* The language model is a tiny OPT (or T5) trained on conditional texts ("scene : <attribute
+  words, padded with a filler to `num_queries`> . caption : ..." and "... question : ... answer :
+  ..."), loss only after the scene slot. A tiny LM trained on bare captions cannot be steered by a
+  soft prompt once frozen; one trained to read a scene slot can: in stage 2 the Q-Former's soft
+  prompt takes the place of the scene words.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from qformer.world import shapes
+
+VERSION = "backbones-v1"
+LMKind = Literal["opt", "t5"]
+# open_clip's defaults for a registered config loaded from a weights file (OPENAI_DATASET_MEAN/STD):
+# `create_model(name, pretrained=file)` sets exactly these as the model's preprocess settings, so
+# the bridge normalises images the way the ViT was trained.
+IMAGE_MEAN = (0.48145466, 0.4578275, 0.40821073)
+IMAGE_STD = (0.26862954, 0.26130258, 0.27577711)
+POS_EMBED_SCALE = 8.0
+DEFAULT_FILLER = "none"
+DEFAULT_LM_STEPS = {"opt": 1500, "t5": 1000}
+
+
+def _log(msg: str) -> None:
+    print(f"[backbones] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# Tokenizers
+
+
+def world_tokenizer(texts: Iterable[str], kind: LMKind) -> PreTrainedTokenizerFast:
+    """A small tokenizer trained on `texts` (the world's texts, or just its vocabulary words),
+    shaped like the real family's:
+
+    "opt": byte-level BPE (GPT-2 style, "Ġ" marks a space, "\\n" is the single token "Ċ"), special
+        tokens <s> <pad> </s> <unk> at ids 0-3, "</s>" as BOS and EOS, BOS prepended to every text.
+    "t5": Unigram with "▁" word starts; <pad>=0, </s>=1, <unk>=2; "</s>" appended, no BOS.
+    """
+    texts = list(texts)
+    if kind == "opt":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=2000,  # far more than needed: every world word becomes one token
+            special_tokens=["<s>", "<pad>", "</s>", "<unk>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=False,
+        )
+        tok.train_from_iterator(texts, trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single="</s> $A", pair="</s> $A </s> $B", special_tokens=[("</s>", 2)]
+        )
+        return PreTrainedTokenizerFast(
+            tokenizer_object=tok, bos_token="</s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+        )
+    if kind == "t5":
+        # BPE rather than T5's Unigram: on a corpus this small the Unigram trainer keeps mostly
+        # single characters, which makes sequences three times longer; what matters to the
+        # bridges (pad 0, EOS appended, no BOS, "▁" word starts) is the same.
+        tok = Tokenizer(models.BPE(unk_token="<unk>"))
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+        tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+        trainer = trainers.BpeTrainer(vocab_size=2000, special_tokens=["<pad>", "</s>", "<unk>"], show_progress=False)
+        tok.train_from_iterator(texts, trainer)
+        tok.post_processor = processors.TemplateProcessing(
+            single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", 1)]
+        )
+        return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    raise ValueError(f'`kind` must be "opt" or "t5", got {kind!r}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Helpers
+
+
+def _set_threads() -> None:
+    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
+
+
+def _progress(step: int, steps: int, start: float, budget: float | None) -> float:
+    """Fraction of training done: by steps, or by time when a budget runs out first."""
+    p = step / steps
+    if budget:
+        p = max(p, (time.perf_counter() - start) / budget)
+    return min(p, 1.0)
+
+
+def _lr_at(progress: float, lr: float, warmup: float = 0.05) -> float:
+    if progress < warmup:
+        return lr * (progress / warmup + 1e-3)
+    return lr * 0.5 * (1 + math.cos(math.pi * (progress - warmup) / (1 - warmup)))
+
+
+_WORD = re.compile(r"[a-z]+|[^\sa-z]")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+# ----------------------------------------------------------------------------------------------
+# ViT (open_clip CLIP)
+
+
+def _vit_config(*, image_size: int, patch_size: int, width: int, layers: int, heads: int, embed_dim: int,
+                vocab_size: int, context_length: int, text_width: int, text_layers: int) -> dict[str, Any]:  # fmt: skip
+    return {
+        "embed_dim": embed_dim,
+        "quick_gelu": False,
+        "vision_cfg": {
+            "image_size": image_size,
+            "patch_size": patch_size,
+            "width": width,
+            "layers": layers,
+            "head_width": width // heads,
+            "mlp_ratio": 4.0,
+            "no_ln_pre": True,
+        },
+        "text_cfg": {
+            "context_length": context_length,
+            "vocab_size": vocab_size,
+            "width": text_width,
+            "heads": max(1, text_width // 32),
+            "layers": text_layers,
+            "pad_id": 0,
+            "eos_id": vocab_size - 1,
+        },
+    }
+
+
+def register_vit_config(config_path: str | Path) -> str:
+    """Register an open_clip model config file (its name is the file's stem); idempotent."""
+    import open_clip
+
+    path = Path(config_path)
+    if path.stem not in open_clip.list_models():
+        open_clip.add_model_config(path)
+    return path.stem
+
+
+def create_world_clip(model_name: str, *, scale_pos_embed: bool = True) -> torch.nn.Module:
+    """An untrained CLIP of a registered config, its ViT position embedding scaled 8x."""
+    import open_clip
+
+    model = open_clip.create_model(model_name)
+    if scale_pos_embed:
+        with torch.no_grad():
+            model.visual.positional_embedding.mul_(POS_EMBED_SCALE)
+    return model
+
+
+class _CaptionIds:
+    """Word-level ids for the CLIP text tower: 0 pad, 1..V-3 words (2 unk), V-2 start, V-1 end
+    (open_clip's text tower pools at the largest id, its end of text)."""
+
+    def __init__(self, words: Sequence[str], context_length: int):
+        self.words = ["<pad>", "<unk>", *sorted(set(words))]
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.sot, self.eot = len(self.words), len(self.words) + 1
+        self.vocab_size = len(self.words) + 2
+        self.context_length = context_length
+
+    def __call__(self, texts: Sequence[str]) -> torch.Tensor:
+        out = torch.zeros(len(texts), self.context_length, dtype=torch.long)
+        for i, text in enumerate(texts):
+            ids = [self.sot] + [self.index.get(w, 1) for w in _words(text)][: self.context_length - 2] + [self.eot]
+            out[i, : len(ids)] = torch.tensor(ids)
+        return out
+
+
+def _load_images(world_dir: Path, records: Sequence[dict[str, Any]], image_size: int) -> torch.Tensor:
+    from PIL import Image
+
+    from bridges.vision import eval_transform
+
+    transform = eval_transform(image_size, IMAGE_MEAN, IMAGE_STD)
+    return torch.stack([transform(Image.open(world_dir / r["image"])) for r in records])
+
+
+def train_world_vit(
+    world_dir: str | Path,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int = 600,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    weight_decay: float = 0.05,
+    image_size: int = 64,
+    patch_size: int = 8,
+    width: int = 96,
+    layers: int = 4,
+    heads: int = 3,
+    embed_dim: int = 64,
+    text_width: int = 64,
+    text_layers: int = 2,
+    context_length: int = 48,
+    time_budget_s: float | None = None,
+    log_every: int = 50,
+    model_name: str | None = None,
+) -> tuple[str, str]:
+    """Train a tiny open_clip CLIP on the (image, caption) pairs of the world in `world_dir` and
+    save it to `out_dir` as `<name>.json` (the open_clip config, registered) and
+    `<name>.safetensors` (the whole CLIP state dict). Returns (model_name, weights_path), the
+    arguments of `VisionBridge.from_open_clip`."""
+    from open_clip.loss import ClipLoss
+    from safetensors.torch import save_file
+
+    _set_threads()
+    world_dir, out_dir = Path(world_dir), Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    train = shapes.load_split(world_dir, "train")
+    captions = [r["caption"] for r in train]
+    vocab = json.loads((world_dir / "world.json").read_text())["vocabulary"]
+    words = {w for t in captions for w in _words(t)}
+    words |= {w for values in vocab.values() for v in values for w in _words(str(v))}
+    text_ids = _CaptionIds(sorted(words), context_length)
+
+    config = _vit_config(
+        image_size=image_size, patch_size=patch_size, width=width, layers=layers, heads=heads, embed_dim=embed_dim,
+        vocab_size=text_ids.vocab_size, context_length=context_length, text_width=text_width,
+        text_layers=text_layers,
+    )  # fmt: skip
+    if model_name is None:
+        digest = hashlib.sha256(json.dumps(config, sort_keys=True).encode() + str(seed).encode()).hexdigest()
+        model_name = f"shapesworld-vit-{digest[:10]}"
+    config_path = out_dir / f"{model_name}.json"
+    config_path.write_text(json.dumps(config, indent=2) + "\n")
+    register_vit_config(config_path)
+
+    torch.manual_seed(seed)
+    model = create_world_clip(model_name)
+    images = _load_images(world_dir, train, image_size)
+    tokens = text_ids(captions)
+    n = len(train)
+
+    decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "positional_embedding" not in name]
+    no_decay = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "positional_embedding" not in name)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+        betas=(0.9, 0.98), eps=1e-6,
+    )  # fmt: skip
+    loss_fn = ClipLoss()
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model.train()
+    step, order, cursor = 0, torch.randperm(n, generator=generator), 0
+    losses: list[float] = []
+    while step < steps:
+        progress = _progress(step, steps, start, time_budget_s)
+        if progress >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(progress, lr)
+        if cursor + batch_size > n:
+            order, cursor = torch.randperm(n, generator=generator), 0
+        idx = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        image_features, text_features, logit_scale = model(images[idx], tokens[idx])[:3]
+        loss = loss_fn(image_features, text_features, logit_scale)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        step += 1
+        losses.append(loss.item())
+        if step % log_every == 0 or step == 1:
+            _log(f"vit step {step}/{steps} loss {loss.item():.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                 f"{time.perf_counter() - start:.0f}s")  # fmt: skip
+    seconds = time.perf_counter() - start
+    _log(f"vit trained {step} steps in {seconds:.1f}s, final loss {losses[-1] if losses else float('nan'):.4f}")
+
+    weights_path = out_dir / f"{model_name}.safetensors"
+    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(weights_path))
+    info = {
+        "model_name": model_name,
+        "mean": IMAGE_MEAN,
+        "std": IMAGE_STD,
+        "pos_embed_scale": POS_EMBED_SCALE,
+        "steps_done": step,
+        "seconds": seconds,
+        "final_loss": losses[-1] if losses else None,
+        "text_words": text_ids.words,
+        "seed": seed,
+    }
+    (out_dir / "vit_train_info.txt").write_text(json.dumps(info, indent=2) + "\n")
+    return model_name, str(weights_path)
+
+
+@torch.no_grad()
+def evaluate_world_vit(model_name: str, weights_path: str | Path, world_dir: str | Path,
+                       split: str = "test") -> dict[str, float]:  # fmt: skip
+    """Image->text and text->image retrieval R@1 on `split` by cosine similarity of the CLIP
+    embeddings; a hit is an item of the same scene. Texts are the first reference caption of each
+    item. Also zero-shot accuracy of single attributes (one-object scenes only), each by picking
+    the best of the prompts "a <value> shape" / "a <value> object" / "a shape <position phrase>"."""
+    import open_clip
+
+    world_dir = Path(world_dir)
+    info = json.loads((Path(weights_path).parent / "vit_train_info.txt").read_text())
+    model = open_clip.create_model(model_name, pretrained=str(weights_path)).eval()
+    cfg = open_clip.get_model_config(model_name)
+    text_ids = _CaptionIds([], cfg["text_cfg"]["context_length"])
+    text_ids.words = info["text_words"]
+    text_ids.index = {w: i for i, w in enumerate(text_ids.words)}
+    text_ids.sot, text_ids.eot = len(text_ids.words), len(text_ids.words) + 1
+    records = shapes.load_split(world_dir, split)
+    images = _load_images(world_dir, records, model.visual.image_size[0])
+    texts = [r["caption"][0] if isinstance(r["caption"], list) else r["caption"] for r in records]
+    img = F.normalize(model.encode_image(images), dim=-1)
+    txt = F.normalize(model.encode_text(text_ids(texts)), dim=-1)
+    keys = [r["scene_key"] for r in records]
+    sim = img @ txt.T
+    i2t = sum(keys[int(j)] == keys[i] for i, j in enumerate(sim.argmax(1))) / len(records)
+    t2i = sum(keys[int(j)] == keys[i] for i, j in enumerate(sim.argmax(0))) / len(records)
+    result = {"i2t_r1": i2t, "t2i_r1": t2i}
+    single = [i for i, r in enumerate(records) if len(r["scene"]) == 1]
+    if single:  # zero-shot: the best of one caption per possible one-object scene
+        candidates = [
+            shapes.Scene((shapes.Obj(shape, colour, size, position),))
+            for shape in shapes.SHAPES for colour in shapes.COLOURS for size in shapes.SIZES
+            for position in shapes.POSITIONS
+        ]  # fmt: skip
+        prompts = [shapes.caption(c, random.Random(0), level="simple", template=0) for c in candidates]
+        emb = torch.cat([F.normalize(model.encode_text(text_ids(prompts[i : i + 256])), dim=-1)
+                         for i in range(0, len(prompts), 256)])  # fmt: skip
+        pred = (img[single] @ emb.T).argmax(1)
+        for attribute in ("shape", "colour", "size", "position"):
+            hits = [getattr(candidates[int(p)].objects[0], attribute) == records[i]["scene"][0][attribute]
+                    for p, i in zip(pred, single)]  # fmt: skip
+            result[f"zs_{attribute}"] = sum(hits) / len(single)
+        result["zs_scene"] = sum(candidates[int(p)].key() == records[i]["scene_key"] for p, i in zip(pred, single)) / len(
+            single
+        )
+    return result
+
+
+# ----------------------------------------------------------------------------------------------
+# Language model
+
+
+def lm_example(text: str, *, num_queries: int = 8, filler: str = DEFAULT_FILLER) -> tuple[str, str]:
+    """Split an `iter_lm_texts` string into (context, target): context "scene : <words padded
+    with `filler` to `num_queries` words> ." and target "caption : ..." / "question : ... answer
+    : ...", the part that gets a loss."""
+    head, sep, target = text.partition(" . ")
+    if not sep or not head.startswith("scene : "):
+        raise ValueError(f"not a conditional LM text: {text!r}")
+    words = head[len("scene : ") :].split()
+    words += [filler] * max(0, num_queries - len(words))
+    return f"scene : {' '.join(words)} .", target
+
+
+def scene_context(scene: shapes.Scene, *, num_queries: int = 8, filler: str = DEFAULT_FILLER) -> str:
+    """The context of a scene's true attribute words, in canonical order, as `lm_example` pads it."""
+    words = " , ".join(f"{o.size} {o.colour} {o.shape} {o.position}" for o in scene.objects)
+    return lm_example(f"scene : {words} . x", num_queries=num_queries, filler=filler)[0]
+
+
+def _lm_model(kind: LMKind, tok: PreTrainedTokenizerFast, *, hidden: int, layers: int, heads: int,
+              max_positions: int) -> torch.nn.Module:  # fmt: skip
+    from transformers import (
+        OPTConfig,
+        OPTForCausalLM,
+        T5Config,
+        T5ForConditionalGeneration,
+    )
+
+    rows = -(-len(tok) // 16) * 16  # a padded vocabulary, as real checkpoints have
+    if kind == "opt":
+        config = OPTConfig(
+            vocab_size=rows, hidden_size=hidden, num_hidden_layers=layers, ffn_dim=4 * hidden,
+            num_attention_heads=heads, max_position_embeddings=max_positions, word_embed_proj_dim=hidden,
+            dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, init_std=0.02,
+            pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+        )  # fmt: skip
+        return OPTForCausalLM(config)
+    config = T5Config(
+        vocab_size=rows, d_model=hidden, d_kv=hidden // heads, d_ff=4 * hidden, num_layers=layers,
+        num_decoder_layers=layers, num_heads=heads, dropout_rate=0.0, feed_forward_proj="gated-gelu",
+        tie_word_embeddings=False, pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+        decoder_start_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    return T5ForConditionalGeneration(config)
+
+
+def _lm_batch(kind: LMKind, tok: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]], newline_id: int
+              ) -> dict[str, torch.Tensor]:  # fmt: skip
+    contexts = [c for c, _ in pairs]
+    targets = [" " + t for _, t in pairs]
+    enc = tok(contexts + targets, add_special_tokens=False)["input_ids"]
+    ctx, tgt = enc[: len(pairs)], enc[len(pairs) :]
+    if kind == "opt":
+        rows = [([tok.bos_token_id] + c, t + [newline_id]) for c, t in zip(ctx, tgt)]
+        width = max(len(c) + len(t) for c, t in rows)
+        ids, mask, labels = [], [], []
+        for c, t in rows:
+            pad = width - len(c) - len(t)
+            ids.append(c + t + [tok.pad_token_id] * pad)
+            mask.append([1] * (len(c) + len(t)) + [0] * pad)
+            labels.append([-100] * len(c) + t + [-100] * pad)
+        return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
+    # T5: encoder "scene : ... . caption :" (the target's first words, up to and including the
+    # colon before the caption or answer), decoder the caption / answer + EOS.
+    enc_texts, dec_texts = [], []
+    for c, t in pairs:
+        lead, _, rest = t.rpartition(" : ")
+        enc_texts.append(f"{c} {lead} :")
+        dec_texts.append(rest)
+    e = tok(enc_texts, add_special_tokens=True, padding=True, return_tensors="pt")
+    d = tok(dec_texts, add_special_tokens=True)["input_ids"]
+    width = max(map(len, d))
+    labels = torch.tensor([x + [-100] * (width - len(x)) for x in d])
+    return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"], "labels": labels}
+
+
+def train_world_lm(
+    kind: LMKind,
+    world_level: shapes.Level,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    hidden: int = 128,
+    layers: int = 3,
+    heads: int = 4,
+    num_queries: int = 8,
+    filler: str = DEFAULT_FILLER,
+    n_texts: int | None = None,
+    time_budget_s: float | None = None,
+    log_every: int = 100,
+) -> str:
+    """Train a tiny OPTForCausalLM ("opt") or T5ForConditionalGeneration ("t5") on the world's
+    conditional texts (`shapes.iter_lm_texts`, scene slot padded to `num_queries` words with
+    `filler`) and save model and tokenizer to `out_dir` with `save_pretrained`.
+
+    OPT: BOS + "scene : ... . caption : <caption>" + "\\n", loss on the tokens after the scene slot
+    ("\\n" is OPT's end of text in BLIP-2). T5: encoder "scene : ... . caption :" (or "... question
+    : ... answer :"), decoder the caption / answer + EOS. Returns `out_dir`."""
+    _set_threads()
+    # defaults measured on 2 CPU cores: OPT 1500 steps ~110 s, T5 1000 steps ~150 s
+    steps = steps or DEFAULT_LM_STEPS[kind]
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    n_texts = n_texts or min(steps * batch_size, 200_000)
+    texts = list(shapes.iter_lm_texts(world_level, seed=seed, n=n_texts))
+    pairs = [lm_example(t, num_queries=num_queries, filler=filler) for t in texts]
+    tok = world_tokenizer([c + " " + t for c, t in pairs], kind)
+    newline_id = tok("\n", add_special_tokens=False)["input_ids"]
+    if kind == "opt" and len(newline_id) != 1:
+        raise AssertionError(f'"\\n" must be one token, got {newline_id}')
+    torch.manual_seed(seed)
+    model = _lm_model(kind, tok, hidden=hidden, layers=layers, heads=heads, max_positions=256)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr,
+        betas=(0.9, 0.98),
+    )  # fmt: skip
+    rng = random.Random(f"{seed}/lm-order")
+    order = list(range(len(pairs)))
+    rng.shuffle(order)
+    cursor = 0
+    start = time.perf_counter()
+    model.train()
+    step = 0
+    last = float("nan")
+    while step < steps:
+        progress = _progress(step, steps, start, time_budget_s)
+        if progress >= 1.0:
+            break
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(progress, lr)
+        if cursor + batch_size > len(order):
+            rng.shuffle(order)
+            cursor = 0
+        batch = _lm_batch(kind, tok, [pairs[i] for i in order[cursor : cursor + batch_size]], newline_id[0])
+        cursor += batch_size
+        loss = model(**batch).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        step += 1
+        last = loss.item()
+        if step % log_every == 0 or step == 1:
+            _log(f"{kind} step {step}/{steps} loss {last:.4f} lr {optimizer.param_groups[0]['lr']:.2e} "
+                 f"{time.perf_counter() - start:.0f}s")  # fmt: skip
+    seconds = time.perf_counter() - start
+    _log(f"{kind} trained {step} steps in {seconds:.1f}s, final loss {last:.4f}")
+    model.eval()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    info = {"kind": kind, "level": world_level, "num_queries": num_queries, "filler": filler, "steps_done": step,
+            "seconds": seconds, "final_loss": last, "seed": seed}  # fmt: skip
+    (out_dir / "lm_train_info.txt").write_text(json.dumps(info, indent=2) + "\n")
+    return str(out_dir)
+
+
+@torch.no_grad()
+def evaluate_world_lm(llm_dir: str | Path, world_level: shapes.Level, *, n: int = 200, seed: int = 12345,
+                      num_queries: int = 8, filler: str = DEFAULT_FILLER, batch_size: int = 50) -> dict[str, float]:  # fmt: skip
+    """Given the TRUE scene words, the fraction of greedy captions that `shapes.all_correct`
+    accepts and the accuracy of greedy answers to `make_qa` questions (n scenes each)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(llm_dir)
+    config = json.loads((Path(llm_dir) / "config.json").read_text())
+    seq2seq = config.get("is_encoder_decoder", False)
+    model = (AutoModelForSeq2SeqLM if seq2seq else AutoModelForCausalLM).from_pretrained(llm_dir).eval()
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    stop = tok.eos_token_id if seq2seq else newline[0]
+    rng = random.Random(f"{seed}/lm-eval")
+    scenes = [shapes.sample_scene(world_level, rng) for _ in range(n)]
+    qas = [rng.choice(shapes.make_qa(s, rng)) for s in scenes]
+    cap_prompts = [f"{scene_context(s, num_queries=num_queries, filler=filler)} caption :" for s in scenes]
+    qa_prompts = [f"{scene_context(s, num_queries=num_queries, filler=filler)} question : {q['question']} answer :"
+                  for s, q in zip(scenes, qas)]  # fmt: skip
+
+    def generate(prompts: list[str], max_new_tokens: int) -> list[str]:
+        outs = []
+        tok.padding_side = "left"
+        for i in range(0, len(prompts), batch_size):
+            enc = tok(prompts[i : i + batch_size], return_tensors="pt", padding=True)
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, num_beams=1,
+                                 eos_token_id=stop, pad_token_id=tok.pad_token_id)  # fmt: skip
+            if not seq2seq:
+                gen = gen[:, enc["input_ids"].shape[1] :]
+            outs += [t.split("\n")[0].strip() for t in tok.batch_decode(gen, skip_special_tokens=True)]
+        return outs
+
+    captions = generate(cap_prompts, 60)
+    answers = generate(qa_prompts, 8)
+    return {
+        "caption_all_correct": sum(shapes.all_correct(c, s) for c, s in zip(captions, scenes)) / n,
+        "vqa_accuracy": sum(a == q["answer"] for a, q in zip(answers, qas)) / n,
+        "example_caption": captions[0],  # type: ignore[dict-item]
+    }
+
+
+# ----------------------------------------------------------------------------------------------
+# Cache
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get("QFORMER_CACHE") or Path.home() / ".cache" / "qformer" / "shapesworld")
+
+
+def vit_settings(level: str, seed: int, fast: bool) -> dict[str, Any]:
+    if fast:
+        world = {"n_train": 64, "n_test": 16}
+        train = {"steps": 2, "batch_size": 16, "width": 32, "layers": 2, "heads": 2, "embed_dim": 16,
+                 "text_width": 32, "text_layers": 1}  # fmt: skip
+    else:
+        world = {"n_train": 10000, "n_test": 500}
+        train = {"steps": 600, "batch_size": 128}
+    return {"what": "vit", "version": VERSION, "level": level, "seed": seed, "world": world, "train": train}
+
+
+def lm_settings(level: str, seed: int, llm: str, fast: bool, num_queries: int) -> dict[str, Any]:
+    train: dict[str, Any] = {"num_queries": num_queries, "steps": DEFAULT_LM_STEPS[llm]}
+    if fast:
+        train |= {"steps": 2, "batch_size": 8, "hidden": 32, "layers": 1, "heads": 2, "n_texts": 200}
+    return {"what": "llm", "version": VERSION, "level": level, "seed": seed, "kind": llm, "train": train}
+
+
+def _key(settings: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _build_atomically(final: Path, build) -> None:
+    """Run `build(tmp_dir)` and rename the result to `final`; a concurrent builder that finished
+    first wins and ours is dropped."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.parent))
+    try:
+        build(tmp)
+        try:
+            os.rename(tmp, final)
+        except OSError:
+            if not final.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def ensure_backbones(
+    level: shapes.Level,
+    *,
+    cache_dir: str | Path | None = None,
+    seed: int = 0,
+    llm: LMKind = "opt",
+    fast: bool = False,
+    num_queries: int = 8,
+) -> dict[str, str]:
+    """The frozen ViT and LM for `level`, trained on first use and cached under `cache_dir`
+    (default `$QFORMER_CACHE` or ~/.cache/qformer/shapesworld), each keyed by a hash of its
+    settings. Returns {"vit_name", "vit_weights", "vit_config", "llm_dir"}; the ViT config is
+    registered with open_clip, so `VisionBridge.from_open_clip(vit_name, vit_weights)` and
+    `LanguageBridge.from_pretrained(llm_dir)` load them. `fast=True`: tiny models, a few steps
+    (for tests)."""
+    if level not in shapes.LEVELS:
+        raise ValueError(f"`level` must be one of {shapes.LEVELS}, got {level!r}")
+    if llm not in ("opt", "t5"):
+        raise ValueError(f'`llm` must be "opt" or "t5", got {llm!r}')
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+
+    vs = vit_settings(level, seed, fast)
+    vit_dir = cache / f"vit-{level}-{_key(vs)}"
+    name = f"shapesworld-vit-{_key(vs)[:10]}"
+    if not (vit_dir / f"{name}.safetensors").exists():
+        def build_vit(tmp: Path) -> None:
+            _log(f"training the ShapesWorld ViT into {vit_dir}")
+            world = tmp / "world"
+            shapes.generate_world(world, level=level, seed=seed + 1000, n_compositional=0, **vs["world"])
+            train_world_vit(world, tmp, seed=seed, model_name=name, **vs["train"])
+            shutil.rmtree(world / "images")  # the world is cheap to regenerate; keep its JSON only
+            (tmp / "settings.txt").write_text(json.dumps(vs, indent=2) + "\n")
+
+        _build_atomically(vit_dir, build_vit)
+    config = vit_dir / f"{name}.json"
+    register_vit_config(config)
+
+    ls = lm_settings(level, seed, llm, fast, num_queries)
+    llm_dir = cache / f"llm-{llm}-{level}-{_key(ls)}"
+    if not (llm_dir / "config.json").exists():
+        def build_lm(tmp: Path) -> None:
+            _log(f"training the ShapesWorld {llm} LM into {llm_dir}")
+            train_world_lm(llm, level, tmp, seed=seed, **ls["train"])  # type: ignore[arg-type]
+            (tmp / "settings.txt").write_text(json.dumps(ls, indent=2) + "\n")
+
+        _build_atomically(llm_dir, build_lm)
+    return {
+        "vit_name": name,
+        "vit_weights": str(vit_dir / f"{name}.safetensors"),
+        "vit_config": str(config),
+        "llm_dir": str(llm_dir),
+    }

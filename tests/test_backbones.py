@@ -1,0 +1,98 @@
+"""The ShapesWorld backbones: tokenizers shaped like their families, and tiny trained backbones
+that the bridges load like downloaded ones, cached and reused."""
+
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+
+from bridges.language import LanguageBridge
+from bridges.vision import VisionBridge
+from qformer.world import backbones, shapes
+
+TEXTS = list(shapes.iter_lm_texts("simple", n=300))
+
+
+def test_opt_tokenizer_prepends_bos_and_newline_is_one_token():
+    tok = backbones.world_tokenizer(TEXTS, "opt")
+    assert tok.bos_token == tok.eos_token == "</s>" and tok.pad_token == "<pad>" and tok.unk_token == "<unk>"
+    ids = tok("a red circle")["input_ids"]
+    assert ids[0] == tok.bos_token_id and ids[1:] == tok("a red circle", add_special_tokens=False)["input_ids"]
+    newline = tok("\n", add_special_tokens=False)["input_ids"]
+    assert tok.convert_ids_to_tokens(newline) == ["Ċ"]
+    # every world word is one token (with its leading space), and text round-trips
+    for word in (*shapes.COLOURS, *shapes.SHAPES, *shapes.SIZES):
+        assert len(tok(" " + word, add_special_tokens=False)["input_ids"]) == 1, word
+    text = "scene : small red circle top left . caption : a red circle in the top left\n"
+    assert tok.decode(tok(text, add_special_tokens=False)["input_ids"]) == text
+
+
+def test_t5_tokenizer_appends_eos_pad_zero():
+    tok = backbones.world_tokenizer(TEXTS, "t5")
+    assert tok.pad_token_id == 0 and tok.eos_token == "</s>" and tok.eos_token_id == 1 and tok.bos_token is None
+    ids = tok("a red circle")["input_ids"]
+    assert ids[-1] == tok.eos_token_id and ids[:-1] == tok("a red circle", add_special_tokens=False)["input_ids"]
+    assert tok.decode(ids, skip_special_tokens=True) == "a red circle"
+
+
+def test_lm_example_pads_the_scene_slot():
+    context, target = backbones.lm_example("scene : small red circle left . caption : a red circle", num_queries=8)
+    assert context == "scene : small red circle left none none none none ."
+    assert target == "caption : a red circle"
+    long = "scene : a b c d e f g h i j . question : q? answer : yes"
+    assert backbones.lm_example(long, num_queries=4)[0] == "scene : a b c d e f g h i j ."
+
+
+def test_vit_config_and_position_embedding_scale(tmp_path):
+    config = backbones._vit_config(image_size=32, patch_size=8, width=64, layers=1, heads=2, embed_dim=16,
+                                   vocab_size=20, context_length=8, text_width=32, text_layers=1)  # fmt: skip
+    assert config["vision_cfg"]["no_ln_pre"] is True and not config.get("quick_gelu")
+    path = tmp_path / "qformer-test-world-vit-scale.json"
+    path.write_text(json.dumps(config))
+    name = backbones.register_vit_config(path)
+    torch.manual_seed(0)
+    plain = open_clip.create_model(name).visual.positional_embedding.std().item()
+    torch.manual_seed(0)
+    scaled = backbones.create_world_clip(name).visual.positional_embedding.std().item()
+    assert plain == pytest.approx(64**-0.5, rel=0.1)  # open_clip's default init
+    assert scaled == pytest.approx(8 * plain, rel=1e-4)
+
+
+def test_ensure_backbones_loads_through_bridges_and_reuses_cache(tmp_path, monkeypatch):
+    paths = backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True)
+    assert set(paths) == {"vit_name", "vit_weights", "vit_config", "llm_dir"}
+    config = json.loads(Path(paths["vit_config"]).read_text())
+    assert config["vision_cfg"]["no_ln_pre"] is True
+
+    vision = VisionBridge.from_open_clip(paths["vit_name"], paths["vit_weights"])
+    assert vision.image_size == 64
+    tokens = vision(torch.zeros(2, 3, 64, 64))
+    assert tokens.shape == (2, 1 + (64 // 8) ** 2, config["vision_cfg"]["width"])
+
+    language = LanguageBridge.from_pretrained(paths["llm_dir"])
+    assert language.end_of_text == "newline"
+    assert language.model.config.model_type == "opt"
+
+    # no leftovers of the atomic build
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+    # a second call trains nothing
+    def boom(*args, **kwargs):
+        raise AssertionError("retrained a cached backbone")
+
+    monkeypatch.setattr(backbones, "train_world_vit", boom)
+    monkeypatch.setattr(backbones, "train_world_lm", boom)
+    monkeypatch.setattr(shapes, "generate_world", boom)
+    assert backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True) == paths
+
+
+def test_ensure_backbones_t5(tmp_path):
+    paths = backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True, llm="t5")
+    language = LanguageBridge.from_pretrained(paths["llm_dir"])
+    assert language.end_of_text == "eos" and language.is_encoder_decoder
+    # the ViT is keyed apart from the LM: the OPT variant reuses it
+    vit_dirs = [p for p in tmp_path.iterdir() if p.name.startswith("vit-")]
+    backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True, llm="opt")
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("vit-")] == vit_dirs
