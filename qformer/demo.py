@@ -34,7 +34,7 @@ class DemoPlan:
     n_train: int = 5000
     n_test: int = 500
     n_compositional: int = 200
-    stage1_steps: int = 300
+    stage1_steps: int = 450
     stage2_steps: int = 400
     batch_size: int = 64
     num_queries: int = 8
@@ -72,7 +72,8 @@ class Clock:
 def world_tokenizer_for_qformer(data_dir: Path, out_dir: Path) -> Path:
     """A BERT-style word-level tokenizer over the world's words ([CLS] ... [SEP], uncased), so the
     Q-Former's embedding and LM head are as small as the world. A real run uses bert-base-uncased."""
-    from transformers import BertTokenizerFast
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
 
     words: set[str] = set()
     for split in ("train", "test", "compositional_test"):
@@ -82,11 +83,20 @@ def world_tokenizer_for_qformer(data_dir: Path, out_dir: Path) -> Path:
         for record in json.loads(path.read_text()):
             captions = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
             for text in captions + [qa["question"] for qa in record.get("qa", [])]:
-                words.update(text.lower().replace(",", " ").replace("?", " ").replace(":", " ").split())
+                words.update(pre_tokenizers.BertPreTokenizer().pre_tokenize_str(text.lower()))
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    punctuation = set(",.?!-:;'\"()")
+    vocab = {w: i for i, w in enumerate(specials + sorted({w for w, _ in words} | punctuation))}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ",", "?", ":", *sorted(words)]
-    (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=True).save_pretrained(out_dir)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
+    ).save_pretrained(out_dir)
     return out_dir
 
 
