@@ -34,8 +34,8 @@ class DemoPlan:
     n_train: int = 5000
     n_test: int = 500
     n_compositional: int = 200
-    stage1_steps: int = 450
-    stage2_steps: int = 400
+    stage1_steps: int = 300
+    stage2_steps: int = 1000
     batch_size: int = 64
     num_queries: int = 8
     k_test: int = 16  # retrieval: candidates re-ranked by ITM
@@ -172,7 +172,7 @@ def run_demo(
         s2 = Stage2Settings(
             output_dir=str(out / name), llm=backbones["llm_dir"], stage1=stage1, vision=vision,
             tokenizer=str(tokenizer_dir), qformer_preset="tiny", qformer=qformer if stage1 is None else {},
-            max_steps=plan.stage2_steps, save_every=plan.stage2_steps, lr=1e-3, min_lr=1e-4, warmup_lr=1e-5,
+            max_steps=plan.stage2_steps, save_every=plan.stage2_steps, lr=2e-3, min_lr=1e-4, warmup_lr=1e-5,
             warmup_steps=max(1, plan.stage2_steps // 20), prompt=CAPTION_PROMPT, vqa_template=VQA_TEMPLATE, **common,
         )  # fmt: skip
         _run(Stage2Recipe(s2))

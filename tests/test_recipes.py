@@ -270,3 +270,13 @@ def test_eval_of_the_wrong_checkpoint_kind_says_so(world, stage1_run, tmp_path, 
     assert main(["eval", "--checkpoint", str(stage1_run / "model"), "--task", "caption", "--data", test,
                  "--out", str(tmp_path / "x.json")]) == 2  # fmt: skip
     assert "need a stage-2 checkpoint" in capsys.readouterr().err
+
+
+def test_overrides_read_numbers_yaml_style_and_text_as_text():
+    from recipes.stage2 import Stage2Settings
+
+    s = load_config(Stage2Settings, CONFIGS / "tiny_stage2.yaml",
+                    ["lr=2e-3", "prompt=. caption :", "vqa_template=. question : {} answer :", "betas=[0.9, 0.98]",
+                     "qformer.num_query_tokens=4"])  # fmt: skip
+    assert s.lr == 0.002 and s.prompt == ". caption :" and s.vqa_template == ". question : {} answer :"
+    assert s.betas == (0.9, 0.98) and s.qformer == {"num_query_tokens": 4}
