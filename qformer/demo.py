@@ -34,8 +34,8 @@ class DemoPlan:
     n_train: int = 5000
     n_test: int = 500
     n_compositional: int = 200
-    stage1_steps: int = 300
-    stage2_steps: int = 1000
+    stage1_steps: int = 450
+    stage2_steps: int = 700
     batch_size: int = 64
     num_queries: int = 8
     k_test: int = 16  # retrieval: candidates re-ranked by ITM
