@@ -62,6 +62,23 @@ class _GatherWithGrad(torch.autograd.Function):
         return grad.narrow(0, ctx.rank * ctx.size, ctx.size)
 
 
+def pad_text_to_world(input_ids: Tensor, text_mask: Tensor, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Right-pad (b, t) text to the longest t over all processes, so the texts can be gathered
+    (padding is masked out everywhere, so no output changes)."""
+    _, world = rank_and_world()
+    if world == 1:
+        return input_ids, text_mask
+    longest = torch.tensor([input_ids.shape[1]], device=input_ids.device)
+    dist.all_reduce(longest, op=dist.ReduceOp.MAX)
+    extra = int(longest) - input_ids.shape[1]
+    if extra == 0:
+        return input_ids, text_mask
+    return (
+        torch.nn.functional.pad(input_ids, (0, extra), value=pad_token_id),
+        torch.nn.functional.pad(text_mask, (0, extra), value=0),
+    )
+
+
 @dataclass
 class ITCOutput:
     loss: Tensor

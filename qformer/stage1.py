@@ -26,6 +26,7 @@ from qformer.losses import (
     itc_loss,
     itg_loss,
     itm_loss,
+    pad_text_to_world,
     rank_and_world,
     sample_itm_negatives,
 )
@@ -146,6 +147,8 @@ class Stage1Model(nn.Module):
             )
         b, q = input_ids.shape[0], cfg.num_query_tokens
         qformer = self.qformer
+        # texts are gathered across processes for ITM negatives: one length everywhere
+        input_ids, text_mask = pad_text_to_world(input_ids, text_mask, cfg.pad_token_id)
 
         # step 1: trainable LayerNorm on the frozen tokens (fp32), and their cross-attention K/V,
         # computed once and shared by the query pass and the ITM pass

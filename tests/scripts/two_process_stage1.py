@@ -27,10 +27,17 @@ def main() -> None:
     image = torch.randn(GLOBAL_BATCH, TOKENS, cfg.vision_width, generator=g)
     ids = torch.randint(1, cfg.vocab_size - 1, (GLOBAL_BATCH, TEXT), generator=g)
     mask = torch.ones_like(ids)  # equal lengths: the ITG token mean is then the same either way
+    if "--ragged" in sys.argv:  # each process padded to its own longest text, as a tokenizer does
+        mask[GLOBAL_BATCH // 2 :, -2:] = 0
+        ids = ids.masked_fill(mask == 0, cfg.pad_token_id)
     b = GLOBAL_BATCH // acc.num_processes
     mine = slice(acc.process_index * b, (acc.process_index + 1) * b)
     model = acc.prepare(model)  # DDP: gradients averaged over processes
-    losses = model(image[mine], ids[mine], mask[mine])
+    my_ids, my_mask = ids[mine], mask[mine]
+    if "--ragged" in sys.argv:
+        keep = int(my_mask.sum(1).max())
+        my_ids, my_mask = my_ids[:, :keep], my_mask[:, :keep]
+    losses = model(image[mine], my_ids, my_mask)
     acc.backward(losses["loss"])
     mean = {k: acc.reduce(v.detach(), reduction="mean") for k, v in losses.items()}
     if acc.is_main_process:
