@@ -52,6 +52,10 @@ class TrainSettings:
     save_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 2
     resume_from: str | None = None  # a checkpoint directory, or "latest" in output_dir
+    # Read the annotations lazily (JSONL/CSV line by line), split by process, shuffled in a buffer:
+    # for sets larger than memory. Resume skips the records already seen (no image decoding).
+    streaming: bool = False
+    shuffle_buffer: int = 10_000
 
     def problems(self) -> list[str]:
         p = []
@@ -62,6 +66,8 @@ class TrainSettings:
             p.append(f"`warmup_steps` must be >= 0, got {self.warmup_steps}")
         if not self.min_lr <= self.lr:
             p.append(f"`min_lr` ({self.min_lr}) must not exceed `lr` ({self.lr})")
+        if self.streaming and self.feature_cache:
+            p.append("`streaming` reads images; it does not combine with `feature_cache` (unset one)")
         return p
 
 
@@ -166,6 +172,39 @@ def full_batch(batch: dict[str, Any], size: int, num_processes: int) -> dict[str
         k: (v[order] if isinstance(v, Tensor) else [v[i] for i in order]) if k != "skipped" else v
         for k, v in batch.items()
     }
+
+
+def streaming_batches(
+    s: TrainSettings, *, rank: int, world_size: int, transform, start_step: int
+) -> Iterator[dict[str, Any]]:
+    """Batches of this process's share of a streamed annotation file, endlessly (epoch after
+    epoch, each shuffled in a buffer with seed + epoch). Step k's batch is the same whether the
+    run got there directly or resumed at k: the records before it are skipped, not decoded, and
+    augmentation is seeded by (seed, step, position)."""
+    import datasets
+
+    from qformer.data import PAIRS_FEATURES, ImageTextDataset, collate, stream_pairs
+
+    stream = stream_pairs(s.train_data, image_root=s.image_root, rank=rank, world_size=world_size)
+    description = stream.info.description
+    step, epoch = 0, 0
+    while True:
+        shuffled = stream.shuffle(seed=s.seed + epoch, buffer_size=s.shuffle_buffer)
+        chunk: list[dict[str, Any]] = []
+        produced = False
+        for record in shuffled:
+            chunk.append(record)
+            if len(chunk) < s.batch_size:
+                continue
+            if step >= start_step:
+                pairs = datasets.Dataset.from_list(chunk, features=PAIRS_FEATURES)
+                pairs.info.description = description
+                items = SeededItems(ImageTextDataset(pairs, transform, on_bad_sample=s.on_bad_sample))
+                yield collate([items[(i, item_seed(s.seed, step, i))] for i in range(len(chunk))])
+            step, chunk, produced = step + 1, [], True
+        if not produced:
+            raise ValueError(f"{s.train_data}: this process's share holds fewer than batch_size={s.batch_size} pairs.")
+        epoch += 1
 
 
 # ------------------------------------------------------------------------------------------

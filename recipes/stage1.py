@@ -113,16 +113,19 @@ class Stage1Recipe:
                 print(f"initialised from {s.bert}: {report.summary().splitlines()[0]}")
 
         # step 3: data: one global batch per step, each process a contiguous slice of it
-        pairs = load_pairs(s.train_data, image_root=s.image_root)
-        if self.cache is not None:
-            dataset = CachedPairsDataset(pairs, self.cache, on_bad_sample=s.on_bad_sample)
-        else:
-            dataset = ImageTextDataset(pairs, self.vision.train_transform(), on_bad_sample=s.on_bad_sample)
-        self.dataset = dataset
+        # (streaming: read lazily in train(), each process its own share of the file)
+        self.dataset = self.sampler = None
+        if not s.streaming:
+            pairs = load_pairs(s.train_data, image_root=s.image_root)
+            if self.cache is not None:
+                self.dataset = CachedPairsDataset(pairs, self.cache, on_bad_sample=s.on_bad_sample)
+            else:
+                self.dataset = ImageTextDataset(pairs, self.vision.train_transform(), on_bad_sample=s.on_bad_sample)
+            self.sampler = GlobalBatchSampler(
+                len(self.dataset), batch_size=s.batch_size, rank=acc.process_index, world_size=acc.num_processes,
+                seed=s.seed,
+            )  # fmt: skip
         self.skips = SkipReport()
-        self.sampler = GlobalBatchSampler(
-            len(dataset), batch_size=s.batch_size, rank=acc.process_index, world_size=acc.num_processes, seed=s.seed
-        )
 
         # step 4: optimizer over exactly the trainable parameters
         optimizer = torch.optim.AdamW(common.param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas)
@@ -157,22 +160,27 @@ class Stage1Recipe:
 
         s, acc = self.s, self.acc
         # micro-batches: grad_accum of them per optimizer step
-        batches = common.SeededBatches(self.sampler, s.seed, self.start_step * s.grad_accum, s.max_steps * s.grad_accum)
-        loader = torch.utils.data.DataLoader(
-            common.SeededItems(self.dataset),
-            batch_sampler=batches,
-            collate_fn=collate,
-            num_workers=s.num_workers,
-            # its own generator: creating the iterator must not draw from the global RNG, or a
-            # resumed run would sample other ITM negatives than the uninterrupted one
-            generator=torch.Generator().manual_seed(s.seed),
-        )
+        if s.streaming:
+            batches = common.streaming_batches(
+                s, rank=acc.process_index, world_size=acc.num_processes,
+                transform=self.vision.train_transform(), start_step=self.start_step * s.grad_accum,
+            )  # fmt: skip
+        else:
+            keys = common.SeededBatches(self.sampler, s.seed, self.start_step * s.grad_accum, s.max_steps * s.grad_accum)
+            batches = iter(torch.utils.data.DataLoader(
+                common.SeededItems(self.dataset),
+                batch_sampler=keys,
+                collate_fn=collate,
+                num_workers=s.num_workers,
+                # its own generator: creating the iterator must not draw from the global RNG, or a
+                # resumed run would sample other ITM negatives than the uninterrupted one
+                generator=torch.Generator().manual_seed(s.seed),
+            ))  # fmt: skip
         self.model.train()
         bar = tqdm(total=s.max_steps, initial=self.start_step, disable=not acc.is_main_process, desc="stage 1")
         window: dict[str, float] = {}
         window_steps, seen, t0 = 0, 0, time.perf_counter()
         last: dict[str, float] = {}
-        batches = iter(loader)
         for step in range(self.start_step, s.max_steps):
             lr = common.lr_at(step, s)
             for group in self.optimizer.param_groups:

@@ -280,3 +280,22 @@ def test_overrides_read_numbers_yaml_style_and_text_as_text():
                      "qformer.num_query_tokens=4"])  # fmt: skip
     assert s.lr == 0.002 and s.prompt == ". caption :" and s.vqa_template == ". question : {} answer :"
     assert s.betas == (0.9, 0.98) and s.qformer == {"num_query_tokens": 4}
+
+
+def test_streaming_trains_and_resumes_exactly(world, tmp_path):
+    # JSONL read line by line, shuffled in a small buffer
+    records = json.loads(Path(world["train"]).read_text())
+    jsonl = tmp_path / "train.jsonl"
+    root = Path(world["train"]).parent
+    jsonl.write_text("".join(json.dumps({**r, "image": str(root / r["image"])}) + "\n" for r in records))
+    common = [f"train_data={jsonl}", "streaming=true", "shuffle_buffer=16", "max_steps=12", "save_every=6",
+              "log_every=3"]  # fmt: skip
+    assert main(stage1_args(world, tmp_path / "a", *common)) == 0
+    first, last = first_and_last(tmp_path / "a")
+    assert last["step"] == 12 and last["itg"] < first["itg"]  # 64 pairs / 16 = 4 steps an epoch: 3 epochs
+    checkpoint = tmp_path / "a" / "checkpoints" / "step-0000006"
+    assert main(stage1_args(world, tmp_path / "b", *common, f"resume_from={checkpoint}")) == 0
+    a = load_file(str(tmp_path / "a" / "model" / "model.safetensors"))
+    b = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
