@@ -132,6 +132,14 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from qformer.export import export_soft_prompt
+
+    out = export_soft_prompt(args.checkpoint, args.out)
+    print(f"wrote the soft visual prompt artifact to {out} (load it with qformer.SoftVisualPrompt.from_pretrained)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="qformer",
@@ -219,6 +227,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("image", help="an image file")
     p.add_argument("question", help='e.g. "what colour is the circle?"')
     p.set_defaults(func=_ask)
+
+    p = sub.add_parser(
+        "export",
+        help="export a stage-2 checkpoint as a soft visual prompt for an unmodified LLM",
+        description=(
+            "Write safetensors weights (ln_vision, the Q-Former's query path, the projection) and "
+            "a JSON manifest (vision tower and layer, LLM, number of queries, widths, image "
+            "transform, end-of-text token). qformer.SoftVisualPrompt.from_pretrained(OUT) turns "
+            "images into inputs_embeds and attention_mask for the LLM's own generate(). (The "
+            "transformers Blip2ForConditionalGeneration export, --format hf-blip2, is not "
+            "implemented yet.)"
+        ),
+    )
+    p.add_argument("--checkpoint", required=True, help="a stage-2 model directory")
+    p.add_argument("--format", choices=["soft-prompt"], default="soft-prompt")
+    p.add_argument("--out", required=True, help="output directory")
+    p.set_defaults(func=_export)
 
     p = sub.add_parser(
         "import",

@@ -299,3 +299,38 @@ def test_streaming_trains_and_resumes_exactly(world, tmp_path):
     b = load_file(str(tmp_path / "b" / "model" / "model.safetensors"))
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_soft_prompt_artifact_drives_the_llms_own_generate(world, stage2_run, tmp_path, capsys):
+    from PIL import Image
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from qformer import SoftVisualPrompt
+
+    assert main(["export", "--checkpoint", str(stage2_run), "--format", "soft-prompt", "--out", str(tmp_path / "sp")]) == 0
+    images = [Path(world["train"]).parent / r["image"] for r in json.loads(Path(world["train"]).read_text())[:3]]
+    capsys.readouterr()
+    assert main(["caption", "--checkpoint", str(stage2_run), "--num-beams", "1", "--max-new-tokens", "8",
+                 *map(str, images)]) == 0  # fmt: skip
+    expected = [line.split("\t", 1)[1] for line in capsys.readouterr().out.strip().splitlines()]
+
+    svp = SoftVisualPrompt.from_pretrained(tmp_path / "sp")
+    llm = AutoModelForCausalLM.from_pretrained(svp.manifest["llm"])  # unmodified, its own generate
+    tok = AutoTokenizer.from_pretrained(svp.manifest["llm"])
+    got = []
+    for path in images:
+        soft, mask = svp([Image.open(path)])
+        ids = tok(svp.manifest["prompt"] or "", return_tensors="pt").input_ids  # BOS (+ prompt)
+        embeds = torch.cat([soft, llm.get_input_embeddings()(ids)], dim=1)
+        out = llm.generate(inputs_embeds=embeds, attention_mask=torch.cat([mask, torch.ones_like(ids)], 1),
+                           max_new_tokens=8, do_sample=False, num_beams=1,
+                           eos_token_id=svp.manifest["eos_token_id"], pad_token_id=tok.pad_token_id)  # fmt: skip
+        row = out[0].tolist()
+        eos = svp.manifest["eos_token_id"]
+        got.append(tok.decode(row[: row.index(eos)] if eos in row else row, skip_special_tokens=True).strip())
+    assert got == expected and any(expected)  # real text, token for token
+
+
+def test_exporting_a_stage1_checkpoint_says_what_is_wrong(stage1_run, tmp_path, capsys):
+    assert main(["export", "--checkpoint", str(stage1_run / "model"), "--out", str(tmp_path / "x")]) == 2
+    assert "need a stage-2 checkpoint" in capsys.readouterr().err
