@@ -301,7 +301,3 @@ def _kv_batch(image_kv: list[KV | None] | None) -> int:
             return kv[0].shape[0]
     raise ValueError("Cannot infer the batch size: give `input_ids` or the image.")
 
-
-def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
-    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
-

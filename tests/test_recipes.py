@@ -94,6 +94,13 @@ def test_resume_from_step_10_gives_the_weights_of_20_uninterrupted_steps(world, 
     assert read_metrics(resumed / "metrics.jsonl")[0]["step"] == 15  # it really started at 10
 
 
+def test_resume_from_latest_picks_the_newest_checkpoint(stage1_run, tmp_path):
+    from recipes.common import resolve_resume
+
+    assert resolve_resume("latest", stage1_run).name == "step-0000020"
+    assert resolve_resume("latest", tmp_path) is None  # nothing yet: start from scratch
+
+
 def test_resume_with_other_settings_names_the_difference(world, stage1_run, capsys):
     checkpoint = stage1_run / "checkpoints" / "step-0000010"
     err = error_of(stage1_args(world, world["tmp"] / "bad", f"resume_from={checkpoint}", "lr=0.002"), capsys)
