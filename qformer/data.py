@@ -7,6 +7,8 @@ A pairs dataset (what `load_pairs` returns) has one row per (image, caption) pai
     caption   the caption as the source wrote it (str; cleaning happens when a sample is built)
     image_id  int; the rows of one image share it (ITC soft targets, retrieval, the feature cache)
     row       the record's 0-based index in the source file, so that errors can point at it
+    question  "" for a caption; for a question-answer record ({"image", "question", "answer"},
+              VQAv2's list of answers accepted) the question, and `caption` holds the answer
 
 The description of the source (file, format, image root, split) rides on `pairs.info.description`
 as JSON: `datasets` keeps it through `select`, `filter`, `shuffle` and `train_test_split`, so an
@@ -50,6 +52,9 @@ BAD_SAMPLE_POLICIES: tuple[str, ...] = ("error", "skip")
 # "filepath" is Karpathy's raw split file (dataset_coco.json), where filepath is the folder.
 IMAGE_KEYS: tuple[str, ...] = ("image", "image_path", "file_name", "filename", "filepath")
 CAPTION_KEYS: tuple[str, ...] = ("caption", "text", "captions", "sentences")
+# A question-answer record (VQAv2 style) has a `question` and one of these; its answer is the
+# text the model learns to generate after the question (stage 2), the question its prompt.
+ANSWER_KEYS: tuple[str, ...] = ("answer", "answers", "multiple_choice_answer")
 RECORD_LIST_KEYS: tuple[str, ...] = ("annotations", "data", "images")  # where a JSON dict keeps its records
 FILE_FORMATS: dict[str, str] = {".json": "json", ".jsonl": "jsonl", ".csv": "csv", ".tsv": "tsv"}
 METADATA_NAMES: tuple[str, ...] = ("metadata.jsonl", "metadata.csv")  # the `imagefolder` convention
@@ -60,6 +65,7 @@ PAIRS_FEATURES = datasets.Features(
         "caption": datasets.Value("string"),
         "image_id": datasets.Value("int64"),
         "row": datasets.Value("int64"),
+        "question": datasets.Value("string"),  # "" for a caption; else the caption is its answer
     }
 )
 
@@ -216,8 +222,10 @@ def _split_filter(split: str) -> set[str]:
     return {part.strip() for part in split.split("+") if part.strip()}
 
 
-def _parse_record(record: Any, row: int, source: _Source) -> tuple[str, list[str]]:
-    """(absolute image path, captions) of one record; errors name the row and the keys found."""
+def _parse_record(record: Any, row: int, source: _Source) -> tuple[str, list[str], str]:
+    """(absolute image path, captions, question) of one record; errors name the row and the keys
+    found. A question-answer record gives its most frequent answer as the one caption and its
+    question; a caption record gives question ""."""
     where = f"{source.file}, row {row}"
     if not isinstance(record, Mapping):
         raise ValueError(f"{where}: expected a record (an object with an image path and a caption), found {record!r}.")
@@ -235,6 +243,10 @@ def _parse_record(record: Any, row: int, source: _Source) -> tuple[str, list[str
         raise ValueError(f"{where}: the image path must be a string, found {image!r}.")
     if "://" in image:
         raise ValueError(f"{where}: {image} is a URL; download the images first and point `image` at the files.")
+
+    image = os.path.normpath(os.path.join(source.root, os.path.expanduser(image)))
+    if "question" in record:
+        return image, [_answer(record, where)], _question(record, where)
 
     key = next((key for key in CAPTION_KEYS if key in record), None)
     if key is None:
@@ -255,7 +267,31 @@ def _parse_record(record: Any, row: int, source: _Source) -> tuple[str, list[str
         captions.append(caption)
     if not captions:
         raise ValueError(f"{where}: `{key}` is an empty list; give each record at least one caption.")
-    return os.path.normpath(os.path.join(source.root, os.path.expanduser(image))), captions
+    return image, captions, ""
+
+
+def _question(record: Mapping, where: str) -> str:
+    question = record["question"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: `question` must be a non-empty string, found {question!r}.")
+    return question.strip()
+
+
+def _answer(record: Mapping, where: str) -> str:
+    """The answer of a question record: a string, or the most frequent of a list (VQAv2's ten
+    annotators' answers, as strings or {"answer": ...} objects; ties go to the first)."""
+    key = next((key for key in ANSWER_KEYS if key in record), None)
+    if key is None:
+        raise ValueError(
+            f"{where}: a record with a `question` needs its answer under one of {list(ANSWER_KEYS)}, "
+            f"found {sorted(map(str, record))}."
+        )
+    value = record[key]
+    values = value if isinstance(value, list) else [value]
+    answers = [v.get("answer") if isinstance(v, Mapping) else v for v in values]
+    if not answers or not all(isinstance(a, str) for a in answers):
+        raise ValueError(f"{where}: `{key}` must be a string or a list of strings / {{\"answer\": ...}}, found {value!r}.")
+    return max(answers, key=answers.count)  # max keeps the first of equals
 
 
 def _id_field(record: Mapping) -> Any:
@@ -305,6 +341,7 @@ def load_pairs(
     images: list[str] = []
     captions: list[str] = []
     rows: list[int] = []
+    questions: list[str] = []
     id_fields: list[Any] = []  # per output row: the record's image_id field (None when absent)
     splits_seen: set[str] = set()
     num_records = 0
@@ -316,13 +353,14 @@ def load_pairs(
                 splits_seen.add(str(record_split))
             if record_split not in wanted:
                 continue
-        image, texts = _parse_record(record, row, src)
+        image, texts, question = _parse_record(record, row, src)
         id_field = _id_field(record)
         for text in texts:
             images.append(image)
             captions.append(text)
             rows.append(row)
             id_fields.append(id_field)
+            questions.append(question)
 
     if num_records == 0:
         raise ValueError(f"{src.file} is empty: it has no records (expected an image path and a caption per record).")
@@ -334,7 +372,7 @@ def load_pairs(
     image_ids = _assign_image_ids(images, rows, id_fields, src.file)
     description = {**src.description, "num_records": num_records}
     info = datasets.DatasetInfo(description=json.dumps(description), features=PAIRS_FEATURES)
-    columns = {"image": images, "caption": captions, "image_id": image_ids, "row": rows}
+    columns = {"image": images, "caption": captions, "image_id": image_ids, "row": rows, "question": questions}
     return datasets.Dataset.from_dict(columns, info=info)
 
 
@@ -406,13 +444,13 @@ def _stream_rows(sources: list[_Source], wanted: list[str] | None) -> Iterator[d
             num_records += 1
             if wanted is not None and (not isinstance(record, Mapping) or record.get("split") not in wanted):
                 continue
-            image, texts = _parse_record(record, row, src)
+            image, texts, question = _parse_record(record, row, src)
             id_field = _id_field(record)
             image_id = _as_int(id_field)
             if image_id is None:
                 image_id = _stable_id(str(id_field) if id_field is not None else image)
             for text in texts:
-                yield {"image": image, "caption": text, "image_id": image_id, "row": row}
+                yield {"image": image, "caption": text, "image_id": image_id, "row": row, "question": question}
         if num_records == 0:
             raise ValueError(f"{src.file} is empty: it has no records (expected an image path and a caption per record).")
 
@@ -471,7 +509,7 @@ def usable_caption(raw: str, *, clean: bool, max_words: int) -> str | None:
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Pairs -> samples {pixel_values (3, S, S), caption (cleaned), image_id, index}.
+    """Pairs -> samples {pixel_values (3, S, S), caption (cleaned), image_id, index, question}.
 
     `transform` maps a PIL image to a tensor: `bridge.train_transform()` for training,
     `bridge.eval_transform()` for evaluation. Images are decoded with `load_image` and the
@@ -516,6 +554,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             "caption": caption,
             "image_id": int(record["image_id"]),
             "index": int(index),
+            "question": record.get("question") or "",
         }
 
     def _bad(self, row: int, path: str, reason: str) -> SkippedSample:

@@ -39,6 +39,7 @@ class DemoPlan:
     batch_size: int = 64
     num_queries: int = 8
     k_test: int = 16  # retrieval: candidates re-ranked by ITM
+    qa_per_image: int = 2  # stage 2 also learns to answer: this many question-answer records per image
     num_beams: int = 5
 
     def scaled(self, factor: float) -> DemoPlan:
@@ -100,6 +101,23 @@ def world_tokenizer_for_qformer(data_dir: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def write_caption_and_vqa_mixture(train: Path, out: Path, qa_per_image: int, *, seed: int) -> Path:
+    """Stage 2's training file: every caption record of `train`, plus `qa_per_image` of each
+    image's question-answer pairs as {"image", "image_id", "question", "answer"} records (drawn
+    at random for a seed), so that stage 2 learns to caption and to answer, as BLIP-2's VQA
+    fine-tuning does; with 0 it is the captions alone and VQA is zero-shot."""
+    import random
+
+    records = json.loads(train.read_text())
+    rng = random.Random(f"{seed}/qa-mixture")
+    questions = [
+        {"image": r["image"], "image_id": r["image_id"], "question": qa["question"], "answer": qa["answer"]}
+        for r in records for qa in rng.sample(r.get("qa", []), min(qa_per_image, len(r.get("qa", []))))
+    ]  # fmt: skip
+    out.write_text(json.dumps(records + questions) + "\n")
+    return out
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -131,6 +149,8 @@ def run_demo(
             generate_world(data, level=world, n_train=plan.n_train, n_test=plan.n_test,
                            n_compositional=plan.n_compositional, image_size=64, seed=seed)  # fmt: skip
         tokenizer_dir = world_tokenizer_for_qformer(data, out / "qformer_tokenizer")
+        stage2_data = write_caption_and_vqa_mixture(data / "train.json", data / "train_stage2.json",
+                                                    plan.qa_per_image, seed=seed)  # fmt: skip
 
     # step 2: the frozen backbones, trained on the world once and cached
     with clock.phase("backbones"):
@@ -171,9 +191,10 @@ def run_demo(
     def stage2(name: str, stage1: str | None) -> Path:
         s2 = Stage2Settings(
             output_dir=str(out / name), llm=backbones["llm_dir"], stage1=stage1, vision=vision,
+            **{**common, "train_data": str(stage2_data)},
             tokenizer=str(tokenizer_dir), qformer_preset="tiny", qformer=qformer if stage1 is None else {},
             max_steps=plan.stage2_steps, save_every=plan.stage2_steps, lr=2e-3, min_lr=1e-4, warmup_lr=1e-5,
-            warmup_steps=max(1, plan.stage2_steps // 20), prompt=CAPTION_PROMPT, vqa_template=VQA_TEMPLATE, **common,
+            warmup_steps=max(1, plan.stage2_steps // 20), prompt=CAPTION_PROMPT, vqa_template=VQA_TEMPLATE,
         )  # fmt: skip
         _run(Stage2Recipe(s2))
         return out / name / "model"

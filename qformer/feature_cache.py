@@ -406,7 +406,7 @@ class FeatureCache:
 
 
 class CachedPairsDataset(torch.utils.data.Dataset):
-    """Pairs -> samples {image_tokens (n, d), caption (cleaned), image_id, index}, the tokens read
+    """Pairs -> samples {image_tokens (n, d), caption (cleaned), image_id, index, question}, the tokens read
     from a `FeatureCache`; the same conventions as `ImageTextDataset` (use `qformer.data.collate`),
     so a recipe switches between live and cached images by config.
 
@@ -487,6 +487,7 @@ class CachedPairsDataset(torch.utils.data.Dataset):
             "caption": caption,
             "image_id": image_id,
             "index": int(index),
+            "question": record.get("question") or "",
         }
 
     @staticmethod

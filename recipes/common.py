@@ -175,18 +175,21 @@ def full_batch(batch: dict[str, Any], size: int, num_processes: int) -> dict[str
 
 
 def streaming_batches(
-    s: TrainSettings, *, rank: int, world_size: int, transform, start_step: int
+    s: TrainSettings, *, rank: int, world_size: int, transform, start_step: int, captions_only: bool = False
 ) -> Iterator[dict[str, Any]]:
     """Batches of this process's share of a streamed annotation file, endlessly (epoch after
     epoch, each shuffled in a buffer with seed + epoch). Step k's batch is the same whether the
     run got there directly or resumed at k: the records before it are skipped, not decoded, and
-    augmentation is seeded by (seed, step, position)."""
+    augmentation is seeded by (seed, step, position). `captions_only`: leave question-answer
+    records out (stage 1 learns from captions)."""
     import datasets
 
     from qformer.data import PAIRS_FEATURES, ImageTextDataset, collate, stream_pairs
 
     stream = stream_pairs(s.train_data, image_root=s.image_root, rank=rank, world_size=world_size)
     description = stream.info.description
+    if captions_only:
+        stream = stream.filter(lambda question: not question, input_columns="question")
     step, epoch = 0, 0
     while True:
         shuffled = stream.shuffle(seed=s.seed + epoch, buffer_size=s.shuffle_buffer)

@@ -117,6 +117,13 @@ class Stage1Recipe:
         self.dataset = self.sampler = None
         if not s.streaming:
             pairs = load_pairs(s.train_data, image_root=s.image_root)
+            questions = sum(map(bool, pairs["question"]))
+            if questions:  # a stage-2 mixture of captions and VQA records: stage 1 takes the captions
+                pairs = pairs.filter(lambda question: not question, input_columns="question")
+                if acc.is_main_process:
+                    print(f"stage 1 trains on captions: left out {questions} question-answer records of {s.train_data}")
+                if len(pairs) == 0:
+                    raise ConfigError(f"{s.train_data} holds only question-answer records; stage 1 needs captions.")
             if self.cache is not None:
                 self.dataset = CachedPairsDataset(pairs, self.cache, on_bad_sample=s.on_bad_sample)
             else:
@@ -164,6 +171,7 @@ class Stage1Recipe:
             batches = common.streaming_batches(
                 s, rank=acc.process_index, world_size=acc.num_processes,
                 transform=self.vision.train_transform(), start_step=self.start_step * s.grad_accum,
+                captions_only=True,
             )  # fmt: skip
         else:
             keys = common.SeededBatches(self.sampler, s.seed, self.start_step * s.grad_accum, s.max_steps * s.grad_accum)

@@ -45,7 +45,9 @@ class Stage2Settings(common.TrainSettings):
     qformer_preset: str = "blip2"
     qformer: dict[str, Any] = field(default_factory=dict)
     prompt: str | None = None  # e.g. "a photo of": a text prompt after the soft prompt (no loss on it)
-    vqa_template: str = "Question: {} Short answer:"  # how the trained model asks questions (zero-shot VQA)
+    # how the model asks questions: question-answer records in `train_data` ({"image", "question",
+    # "answer"}) train with it; with captions alone, VQA is zero-shot
+    vqa_template: str = "Question: {} Short answer:"
     prefix_lm: bool = False  # encoder-decoder LLMs: split captions at random (prefix-LM pretraining)
     max_text_len: int = 32
     warmup_steps: int = 2000
@@ -231,7 +233,11 @@ class Stage2Recipe:
             inputs = {"image_tokens": batch["image_tokens"].to(acc.device)}
         else:
             inputs = {"pixel_values": batch["pixel_values"].to(acc.device)}
-        prompts = [s.prompt] * len(batch["caption"]) if s.prompt else None
+        # a caption follows the caption prompt; an answer follows its question in `vqa_template`
+        questions = batch.get("question") or [""] * len(batch["caption"])
+        prompts = [s.vqa_template.format(q) if q else (s.prompt or "") for q in questions]
+        if not any(prompts):
+            prompts = None
         with acc.autocast():
             return self.model(
                 batch["caption"], **inputs, prompts=prompts, max_length=s.max_text_len, prefix_lm=s.prefix_lm

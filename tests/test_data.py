@@ -98,7 +98,7 @@ def expected(root: Path):
 def test_json_list(tmp_path):
     pairs = load_pairs(write_json(tmp_path / "ann.json", RECORDS))
     assert as_rows(pairs) == expected(tmp_path)
-    assert pairs.column_names == ["image", "caption", "image_id", "row"]
+    assert pairs.column_names == ["image", "caption", "image_id", "row", "question"]
     assert pairs_source(pairs)["source"] == str(tmp_path / "ann.json")
 
 

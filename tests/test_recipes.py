@@ -341,3 +341,48 @@ def test_soft_prompt_artifact_drives_the_llms_own_generate(world, stage2_run, tm
 def test_exporting_a_stage1_checkpoint_says_what_is_wrong(stage1_run, tmp_path, capsys):
     assert main(["export", "--checkpoint", str(stage1_run / "model"), "--out", str(tmp_path / "x")]) == 2
     assert "need a stage-2 checkpoint" in capsys.readouterr().err
+
+
+@pytest.fixture(scope="module")
+def mixed_data(world):
+    """The world's captions plus one question-answer record per image (VQAv2's answer list)."""
+    records = json.loads(Path(world["train"]).read_text())
+    qa = [{"image": r["image"], "image_id": r["image_id"], "question": r["qa"][1]["question"],
+           "answers": [{"answer": r["qa"][1]["answer"]}] * 2 + [{"answer": "nothing"}]} for r in records]  # fmt: skip
+    path = Path(world["train"]).with_name("train_mixed.json")
+    path.write_text(json.dumps(records + qa))
+    return path, len(records)
+
+
+def test_stage1_leaves_question_records_out_and_says_so(world, mixed_data, tmp_path, capsys):
+    path, n = mixed_data
+    args = stage1_args(world, tmp_path / "s1", f"train_data={path}", "max_steps=2")
+    assert main(args) == 0
+    assert f"left out {n} question-answer records" in capsys.readouterr().out
+
+
+def test_stage2_trains_answers_after_their_question_in_the_vqa_template(world, stage1_run, mixed_data, tmp_path):
+    from qformer.data import collate
+    from recipes.stage2 import Stage2Recipe, Stage2Settings
+
+    path, n = mixed_data
+    settings = load_config(Stage2Settings, str(CONFIGS / "tiny_stage2.yaml"), [
+        f"output_dir={tmp_path}", f"train_data={path}", f"stage1={stage1_run / 'model'}", f"llm={world['opt']}",
+        "prompt=a photo of", "vqa_template=Question: {} Answer:",
+    ])  # fmt: skip
+    recipe = Stage2Recipe(settings)
+    recipe.setup()
+    assert len(recipe.dataset) == 2 * n
+    batch = collate([recipe.dataset[i] for i in (0, n, 1, n + 1)])  # caption, QA, caption, QA
+    records = json.loads(path.read_text())
+    assert batch["caption"][1] == records[n]["answers"][0]["answer"]  # the most frequent answer
+    expected = ["a photo of", f"Question: {records[n]['question']} Answer:", "a photo of",
+                f"Question: {records[n + 1]['question']} Answer:"]  # fmt: skip
+    model = recipe.acc.unwrap_model(recipe.model).eval()
+    recipe.model.eval()
+    with torch.no_grad():
+        got = recipe._losses(batch)["loss"]
+        want = model(batch["caption"], pixel_values=batch["pixel_values"], prompts=expected, max_length=settings.max_text_len)["loss"]
+        other = model(batch["caption"], pixel_values=batch["pixel_values"], prompts=["a photo of"] * 4,
+                      max_length=settings.max_text_len)["loss"]  # fmt: skip
+    assert torch.equal(got, want) and not torch.equal(got, other)
