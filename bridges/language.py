@@ -11,19 +11,24 @@ BART) model of transformers works; `AutoConfig.is_encoder_decoder` picks the lay
                      decoder labels: caption suffix + </s>
 
 The LLM is frozen: no parameter requires grad and it stays in eval mode (no dropout) even when the
-model that holds it trains. Gradients still flow through it into the soft prompt.
+model that holds it trains. Gradients still flow through it into the soft prompt. `add_lora` puts a
+LoRA adapter (peft) on it: then only the adapter trains (see `bridges.lora`), and `model` is the
+`PeftModel` around the LLM.
 
 Legend: b batch, q soft-prompt (query) tokens, t text tokens, s encoder tokens, d LLM embedding width.
 """
 
 from __future__ import annotations
 
+import copy
 import warnings
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
+
+from bridges import lora
 from bridges.dtypes import resolve_compute_dtype
 from transformers import (
     AutoConfig,
@@ -96,6 +101,7 @@ class LanguageBridge(nn.Module):
         self.tokenizer = tokenizer
         self.name = name
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
+        self.lora: lora.LoraSettings | None = None  # set by `add_lora`
 
         # frozen, declared here: no parameter trains and dropout stays off (see `train`)
         self.model.requires_grad_(False)
@@ -193,10 +199,60 @@ class LanguageBridge(nn.Module):
 
     def train(self, mode: bool = True) -> LanguageBridge:
         # `parent.train()` reaches every submodule; the frozen LLM must keep dropout off anyway,
-        # or its outputs (and the soft prompt's gradients) would be noisy for no benefit.
+        # or its outputs (and the soft prompt's gradients) would be noisy for no benefit. A LoRA
+        # adapter's own dropout follows `mode`.
         super().train(mode)
         self.model.eval()
+        if self.lora is not None:
+            lora.set_dropout(self.model, mode)
         return self
+
+    # --- LoRA ----------------------------------------------------------------------------------
+
+    def add_lora(self, settings: lora.LoraSettings | dict[str, Any], *, key: str = "lora") -> lora.LoraSettings:
+        """Put a LoRA adapter on the frozen LLM, in place: its A and B matrices train, every weight
+        of the LLM stays frozen. `target_modules` None takes peft's choice for the model type
+        (OPT, Llama: q_proj, v_proj; T5: q, v; GPT-2: c_attn). Returns the settings with the
+        targets filled in; `key` names the setting in errors."""
+        settings = lora.LoraSettings.from_value(settings, key=key)
+        if self.lora is not None:
+            raise ValueError(f"The LLM {self.name} already has a LoRA adapter; add one adapter only.")
+        if settings.target_modules is None:
+            from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as DEFAULTS
+
+            model_type = self.model.config.model_type
+            if model_type not in DEFAULTS:
+                raise ValueError(
+                    f"peft has no default LoRA layers for {model_type!r} models ({self.name}): set "
+                    f"`{key}.target_modules`, e.g. to some of its Linear layers: {lora.linear_names(self.model)}."
+                )
+            settings = settings.with_targets(DEFAULTS[model_type])
+        task_type = "SEQ_2_SEQ_LM" if self.is_encoder_decoder else "CAUSAL_LM"
+        self.model = lora.wrap(self.model, settings, task_type=task_type, key=key, what=f"the LLM {self.name}")
+        self.lora = settings
+        lora.set_dropout(self.model, self.training)
+        return settings
+
+    def save_adapter(self, directory: str | Path) -> Path:
+        """The LoRA adapter alone, in peft's format (`PeftModel.from_pretrained(llm, directory)`)."""
+        if self.lora is None:
+            raise ValueError(f"The LLM {self.name} has no LoRA adapter to save.")
+        return lora.save(self.model, directory)
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Load the weights of an adapter saved by `save_adapter` into this bridge's (same settings)."""
+        if self.lora is None:
+            raise ValueError(f"The LLM {self.name} has no LoRA adapter: call `add_lora` with its settings first.")
+        lora.load(self.model, directory, settings=self.lora, what=f"the LLM {self.name}")
+
+    def merged(self) -> LanguageBridge:
+        """For exporters: a copy whose `model` is the plain transformers LLM with the LoRA adapter
+        added into its weights (peft's `merge_and_unload`), or this bridge itself when it has no
+        adapter. This bridge keeps its adapter; the copy needs the memory of a second LLM."""
+        if self.lora is None:
+            return self
+        plain = lora.merged_copy(self.model)
+        return LanguageBridge(plain, copy.deepcopy(self.tokenizer), name=self.name, end_of_text=self.end_of_text)
 
     @property
     def device(self) -> torch.device:

@@ -16,7 +16,10 @@ neither memory nor time.
 The tower is frozen for real: no parameter requires grad, the forward runs under `no_grad`, and it
 stays in eval mode (no dropout, drop-path or patch dropout) even when the model that holds it is
 put in train mode. It computes in `compute_dtype` (autocast) and returns tokens in that dtype;
-the trainable `ln_vision` that follows upcasts them.
+the trainable `ln_vision` that follows upcasts them. `trainable=True` is for BLIP, which trains its
+ViT: the parameters then require grad, the forward keeps the graph and train/eval mode follows
+the parent. `add_lora` keeps the tower frozen but adapts some of its Linear layers with LoRA (peft,
+see `bridges.lora`): only the adapter trains, and the forward keeps the graph for it.
 
 Image transforms live outside the module (`train_transform`, `eval_transform`, `to_rgb`,
 `load_image`), so that data loaders can build them without the weights.
@@ -27,6 +30,7 @@ S image side in pixels.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -38,6 +42,7 @@ from torch import Tensor, nn
 from torchvision import transforms
 from torchvision.transforms import InterpolationMode
 
+from bridges import lora
 from bridges.dtypes import default_compute_dtype, resolve_compute_dtype
 
 Source = Literal["open_clip", "transformers"]
@@ -84,6 +89,18 @@ def _square_side(size: Any, what: str) -> int:
     return int(size)
 
 
+# Default LoRA targets: the first set whose every name is a Linear layer of the tower.
+VISION_LORA_TARGETS: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "v_proj"),  # transformers CLIP, SigLIP attention
+    ("query", "value"),  # transformers ViT, DINOv2 attention
+    # open_clip's ViT: its attention is an nn.MultiheadAttention, which peft cannot adapt with the
+    # frozen weights kept exact (`bridges.lora.wrap`), so the MLP
+    ("mlp.c_fc", "mlp.c_proj"),
+    ("mlp.fc1", "mlp.fc2"),  # timm ViT/EVA, BLIP-2's vision model
+    ("mlp.fc1_g", "mlp.fc1_x", "mlp.fc2"),  # timm EVA-02 (SwiGLU)
+)
+
+
 # --------------------------------------------------------------------------------------------
 # The bridge
 # --------------------------------------------------------------------------------------------
@@ -109,6 +126,7 @@ class VisionBridge(nn.Module):
         spec: dict[str, Any],
         compute_dtype: torch.dtype | None = None,
         num_prefix_tokens: int = 1,
+        trainable: bool = False,
     ) -> None:
         super().__init__()
         if source not in SOURCES:
@@ -126,7 +144,9 @@ class VisionBridge(nn.Module):
         )
         self._num_prefix_tokens = num_prefix_tokens
         self._num_tokens: int | None = None
-        self.tower.requires_grad_(False)
+        self.trainable = trainable
+        self.lora: lora.LoraSettings | None = None  # set by `add_lora`
+        self.tower.requires_grad_(trainable)
         self.train(False)
 
     # ---- construction ----------------------------------------------------------------------
@@ -140,6 +160,7 @@ class VisionBridge(nn.Module):
         layer: int = -2,
         device: str | torch.device | None = None,
         compute_dtype: torch.dtype | None = None,
+        trainable: bool = False,
     ) -> VisionBridge:
         """An open_clip model's vision tower, e.g. ("EVA01-g-14", "laion400m_s11b_b41k") or
         ("ViT-L-14", "openai"). `pretrained` is an open_clip tag or a local weights file of the
@@ -207,6 +228,7 @@ class VisionBridge(nn.Module):
             spec=spec,
             compute_dtype=compute_dtype,
             num_prefix_tokens=num_prefix_tokens,
+            trainable=trainable,
         )
 
     @classmethod
@@ -217,6 +239,7 @@ class VisionBridge(nn.Module):
         layer: int = -2,
         device: str | torch.device | None = None,
         compute_dtype: torch.dtype | None = None,
+        trainable: bool = False,
     ) -> VisionBridge:
         """A transformers vision model (hub name or local folder): CLIPVisionModel,
         SiglipVisionModel, DINOv2, ...; a two-tower checkpoint (CLIP, SigLIP) loads its vision
@@ -230,7 +253,13 @@ class VisionBridge(nn.Module):
             name_or_path = os.path.abspath(name_or_path)
         config = AutoConfig.from_pretrained(name_or_path)
         vision_config = getattr(config, "vision_config", None)
-        if vision_config is None:
+        if config.model_type == "blip_2_vision_model":
+            # AutoModel maps no BLIP-2 vision tower on its own; `qformer import --from hf-blip2`
+            # saves one so (see qformer/hf_blip2.py)
+            from transformers import Blip2VisionModel
+
+            model_class = Blip2VisionModel
+        elif vision_config is None:
             model_class = AutoModel
         elif type(vision_config) in MODEL_MAPPING:
             model_class = MODEL_MAPPING[type(vision_config)]  # e.g. CLIPVisionConfig -> CLIPVisionModel
@@ -283,6 +312,7 @@ class VisionBridge(nn.Module):
             std=std,
             spec=spec,
             compute_dtype=compute_dtype,
+            trainable=trainable,
         )
 
     @classmethod
@@ -292,6 +322,7 @@ class VisionBridge(nn.Module):
         *,
         device: str | torch.device | None = None,
         compute_dtype: torch.dtype | None = None,
+        trainable: bool = False,
     ) -> VisionBridge:
         """Rebuild a bridge from its `spec` (as stored in a checkpoint's config)."""
         source, name, layer = spec.get("source"), spec.get("name"), spec.get("layer", -2)
@@ -306,16 +337,109 @@ class VisionBridge(nn.Module):
             raise ValueError("invalid vision spec:\n  - " + "\n  - ".join(problems))
         if source == "open_clip":
             return cls.from_open_clip(
-                name, spec.get("pretrained"), layer=layer, device=device, compute_dtype=compute_dtype
+                name,
+                spec.get("pretrained"),
+                layer=layer,
+                device=device,
+                compute_dtype=compute_dtype,
+                trainable=trainable,
             )
-        return cls.from_transformers(name, layer=layer, device=device, compute_dtype=compute_dtype)
+        return cls.from_transformers(
+            name, layer=layer, device=device, compute_dtype=compute_dtype, trainable=trainable
+        )
 
     # ---- frozen for real --------------------------------------------------------------------
 
     def train(self, mode: bool = True) -> VisionBridge:
-        """Always eval: a parent's `.train()` must not switch on the tower's dropout, drop-path or
-        patch dropout (open_clip's patch dropout would even change the number of tokens)."""
-        return super().train(False)
+        """Always eval when frozen: a parent's `.train()` must not switch on the tower's dropout,
+        drop-path or patch dropout (open_clip's patch dropout would even change the number of
+        tokens). A trainable tower follows `mode`; so does a LoRA adapter's dropout (alone)."""
+        super().train(mode and self.trainable)
+        if self.lora is not None:
+            lora.set_dropout(self.tower, mode)
+        return self
+
+    # ---- LoRA -------------------------------------------------------------------------------
+
+    def add_lora(self, settings: lora.LoraSettings | dict[str, Any], *, key: str = "lora") -> lora.LoraSettings:
+        """Put a LoRA adapter on the frozen tower, in place: its A and B matrices train, every
+        weight of the tower stays frozen. `target_modules` None takes the first set of
+        `VISION_LORA_TARGETS` the tower has (open_clip ViT: mlp.c_fc, mlp.c_proj; transformers
+        CLIP: q_proj, v_proj). One blank image checks that every adapted layer takes part in the
+        forward. Returns the settings with the targets filled in; `key` names the setting in errors."""
+        settings = lora.LoraSettings.from_value(settings, key=key)
+        what = f"the vision tower {self.spec.get('name')!r}"
+        if self.trainable:
+            raise ValueError(f"{what} trains whole (trainable=True); LoRA is for a frozen tower: drop one of them.")
+        if self.lora is not None:
+            raise ValueError(f"{what} already has a LoRA adapter; add one adapter only.")
+        if settings.target_modules is None:
+            found = [names for names in VISION_LORA_TARGETS if all(lora.has_module(self.tower, n) for n in names)]
+            if not found:
+                raise ValueError(
+                    f"No default LoRA layers for {what}: set `{key}.target_modules`, e.g. to some of its "
+                    f"Linear layers: {lora.linear_names(self.tower)}."
+                )
+            settings = settings.with_targets(found[0])
+        self.tower = lora.wrap(self.tower, settings, task_type=None, key=key, what=what)
+        self.lora = settings
+        idle = self._idle_adapters()
+        if idle:
+            self.tower, self.lora = lora.unwrap(self.tower), None
+            raise ValueError(
+                f"`{key}.target_modules` picks layers of {what} whose forward never runs ({', '.join(idle[:3])}"
+                f"{', ...' if len(idle) > 3 else ''}): the tower uses their weights directly, so an adapter "
+                "there would be ignored. Target other Linear layers."
+            )
+        return settings
+
+    def _idle_adapters(self) -> list[str]:
+        """The adapted layers that one blank image's forward does not call."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = {name: m for name, m in self.tower.get_base_model().named_modules() if isinstance(m, LoraLayer)}
+        ran: set[str] = set()
+        hooks = [m.register_forward_hook(lambda *_, name=name: ran.add(name)) for name, m in layers.items()]
+        try:
+            blank = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
+            with torch.no_grad():
+                self(blank)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        return sorted(set(layers) - ran)
+
+    def save_adapter(self, directory: str | os.PathLike) -> os.PathLike:
+        """The LoRA adapter alone, in peft's format."""
+        if self.lora is None:
+            raise ValueError(f"The vision tower {self.spec.get('name')!r} has no LoRA adapter to save.")
+        return lora.save(self.tower, directory)
+
+    def load_adapter(self, directory: str | os.PathLike) -> None:
+        """Load the weights of an adapter saved by `save_adapter` into this bridge's (same settings)."""
+        what = f"the vision tower {self.spec.get('name')!r}"
+        if self.lora is None:
+            raise ValueError(f"{what} has no LoRA adapter: call `add_lora` with its settings first.")
+        lora.load(self.tower, directory, settings=self.lora, what=what)
+
+    def merged(self) -> VisionBridge:
+        """For exporters: a copy whose tower is the plain tower with the LoRA adapter added into its
+        weights (peft's `merge_and_unload`), or this bridge itself when it has no adapter. This
+        bridge keeps its adapter."""
+        if self.lora is None:
+            return self
+        return VisionBridge(
+            lora.merged_copy(self.tower),
+            source=self.source,
+            block=self.block,
+            width=self.width,
+            image_size=self.image_size,
+            mean=self.mean,
+            std=self.std,
+            spec=self.spec,
+            compute_dtype=self._compute_dtype,
+            num_prefix_tokens=self._num_prefix_tokens,
+        )
 
     # ---- properties -------------------------------------------------------------------------
 
@@ -337,7 +461,8 @@ class VisionBridge(nn.Module):
         if self._num_tokens is None:
             # One blank image through the tower: exact for any prefix/register tokens.
             blank = torch.zeros(1, 3, self.image_size, self.image_size, device=self.device)
-            self._num_tokens = self(blank).shape[1]
+            with torch.no_grad():
+                self._num_tokens = self(blank).shape[1]
         return self._num_tokens
 
     # ---- forward ----------------------------------------------------------------------------
@@ -353,7 +478,10 @@ class VisionBridge(nn.Module):
         weight = next(self.tower.parameters())
         x = pixel_values.to(device=weight.device, dtype=weight.dtype)
         dtype = self.compute_dtype
-        with torch.no_grad(), torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        # a trainable tower, or one with a LoRA adapter, keeps the caller's grad mode (the momentum
+        # copy runs under no_grad)
+        grad = contextlib.nullcontext() if self.trainable or self.lora is not None else torch.no_grad()
+        with grad, torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             if self.source == "open_clip":
                 tokens = self._open_clip_tokens(x)
             else:

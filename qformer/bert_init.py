@@ -190,15 +190,8 @@ def init_from_bert(model: QFormer | Stage1Model, name_or_path: str | Path) -> Lo
     bert_config = read_bert_config(name)
     _check_architecture(qformer.config, bert_config, name)
 
-    # step 1: BERT's weights through the ordinary loading path (hub cache or local directory).
-    # Keys AutoModel reports missing (the pooler of a BertForMaskedLM checkpoint) were not in the
-    # checkpoint but initialised at random: they are not BERT's weights, so they are dropped.
-    bert_model, info = AutoModel.from_pretrained(name, output_loading_info=True, dtype=torch.float32)
-    bert = {k: v.detach() for k, v in bert_model.state_dict().items() if k not in info["missing_keys"]}
-    del bert_model
-    # AutoModel drops a masked-LM checkpoint's prediction head; read it from the files directly.
-    if any(k.startswith("cls.") for k in info["unexpected_keys"]):
-        bert.update(_read_checkpoint_tensors(name, prefix="cls."))
+    # step 1: BERT's weights
+    bert = read_bert_weights(name)
 
     # step 2: map BERT's names to ours, checking every shape before anything is copied
     pairs = {
@@ -240,6 +233,21 @@ def init_from_bert(model: QFormer | Stage1Model, name_or_path: str | Path) -> Lo
     for key in sorted(set(bert) - used):
         report.skipped[key] = next(reason for part, reason in _UNUSED if part in key)
     return report
+
+
+def read_bert_weights(name_or_path: str | Path) -> dict[str, Tensor]:
+    """A BERT checkpoint's tensors under BertModel's names (plus `cls.*`, its masked-LM head, when
+    it has one), read through the ordinary loading path (hub cache or local directory)."""
+    name = str(name_or_path)
+    # Keys AutoModel reports missing (the pooler of a BertForMaskedLM checkpoint) were not in the
+    # checkpoint but initialised at random: they are not BERT's weights, so they are dropped.
+    bert_model, info = AutoModel.from_pretrained(name, output_loading_info=True, dtype=torch.float32)
+    bert = {k: v.detach() for k, v in bert_model.state_dict().items() if k not in info["missing_keys"]}
+    del bert_model
+    # AutoModel drops a masked-LM checkpoint's prediction head; read it from the files directly.
+    if any(k.startswith("cls.") for k in info["unexpected_keys"]):
+        bert.update(_read_checkpoint_tensors(name, prefix="cls."))
+    return bert
 
 
 def _check_architecture(config: QFormerConfig, bert: PreTrainedConfig, name: str) -> None:

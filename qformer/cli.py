@@ -26,18 +26,25 @@ def _import(args: argparse.Namespace) -> int:
             shapes["num_query_tokens"] = state_dict["query_tokens"].shape[1]
         config = QFormerConfig.from_name(args.preset, **shapes)
         model, report = convert.stage1_from_lavis(state_dict, config)
+        model.save_pretrained(out)
+        kind = "stage-1"
     else:
-        from transformers import Blip2ForImageTextRetrieval
+        from qformer.hf_blip2 import import_hf_blip2
 
-        hf = Blip2ForImageTextRetrieval.from_pretrained(args.src)
-        model, report = convert.stage1_from_hf_retrieval(hf)
-    model.save_pretrained(out)
+        # Blip2ForConditionalGeneration -> stage 2, Blip2ForImageTextRetrieval -> stage 1
+        kind, report = import_hf_blip2(args.src, out)
     print(report.summary())
-    print(f"wrote a stage-1 checkpoint to {out}")
+    print(f"wrote a {kind} checkpoint to {out}")
     return 0
 
 
-RECIPES = {"stage1": "recipes.stage1", "stage2": "recipes.stage2"}
+RECIPES = {
+    "stage1": "recipes.stage1",
+    "stage2": "recipes.stage2",
+    "blip_pretrain": "recipes.blip",
+    "blip_caption": "recipes.blip",
+    "blip_retrieval": "recipes.blip",
+}
 
 
 def _recipe_module(config_path: str):
@@ -127,12 +134,35 @@ def _ask(args: argparse.Namespace) -> int:
 def _demo(args: argparse.Namespace) -> int:
     from qformer.demo import run_demo
 
-    run_demo(args.out, llm=args.llm, world=args.world, minutes=args.minutes, seed=args.seed, fast=args.fast)
-    print(f"\nwrote {args.out}/metrics.json and {args.out}/report.html")
+    run_demo(
+        args.out, llm=args.llm, world=args.world, recipe=args.recipe, minutes=args.minutes, seed=args.seed, fast=args.fast
+    )
+    report = f" and {args.out}/report.html" if args.recipe == "blip2" else ""
+    print(f"\nwrote {args.out}/metrics.json{report}")
+    return 0
+
+
+def _capfilt(args: argparse.Namespace) -> int:
+    from qformer.capfilt import run_capfilt
+
+    run_capfilt(
+        captioner=args.captioner, filter=args.filter, data=args.data, out=args.out, threshold=args.threshold,
+        num_captions=args.num_captions, top_p=args.top_p, batch_size=args.batch_size,
+        max_new_tokens=args.max_new_tokens, seed=args.seed, device=args.device,
+    )  # fmt: skip
     return 0
 
 
 def _export(args: argparse.Namespace) -> int:
+    if args.format == "hf-blip2":
+        from qformer.hf_blip2 import export_hf_blip2
+
+        out = export_hf_blip2(args.checkpoint, args.out)
+        print(
+            f"wrote a transformers BLIP-2 model to {out} (load it with Blip2ForConditionalGeneration and "
+            "Blip2Processor .from_pretrained; decode with generation_config=model.generation_config)"
+        )
+        return 0
     from qformer.export import export_soft_prompt
 
     out = export_soft_prompt(args.checkpoint, args.out)
@@ -154,13 +184,21 @@ def build_parser() -> argparse.ArgumentParser:
             "Build ShapesWorld, train (or load from the cache) its tiny frozen ViT and LLM, run "
             "stage 1 and stage 2 on the cached tower tokens, evaluate retrieval, captioning and "
             "VQA on held-out and compositional splits, run the ablation without stage 1, and "
-            "write DIR/metrics.json and DIR/report.html. (The BLIP and CapFilt baseline recipes "
-            "are not implemented yet.)"
+            "write DIR/metrics.json and DIR/report.html. --recipe blip: BLIP pre-training (trained "
+            "ViT, ITC/ITM/LM) on the same world, retrieval and captioning scores, and the ablation "
+            "with encoder and decoder unshared. --recipe capfilt: 40% of the training captions "
+            "replaced by mismatched ones; pre-train on them, fine-tune a captioner and a filter, "
+            "run CapFilt, pre-train again on the cleaned set, compare retrieval; the filter's "
+            "precision and recall at removing the injected captions."
         ),
     )
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--llm", choices=["opt", "t5"], default="opt", help="the frozen LLM's family (default opt)")
     p.add_argument("--world", choices=["simple", "full"], default="simple", help="one object, or 1-3 with relations")
+    p.add_argument(
+        "--recipe", choices=["blip2", "blip", "capfilt"], default="blip2",
+        help="blip2 (default): the two-stage Q-Former; blip: the BLIP baseline; capfilt: BLIP's data bootstrapping",
+    )  # fmt: skip
     p.add_argument("--minutes", type=float, default=None, help="scale the training budgets to about this long")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a seconds-long smoke run (tiny budgets; numbers meaningless)")
@@ -168,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train",
-        help="run the training recipe a YAML config names (stage1 or stage2)",
+        help="run the training recipe a YAML config names (stage1, stage2, blip_pretrain, blip_caption, blip_retrieval)",
         description=(
             "Run the recipe named by the config's `recipe:` key. Settings come from the YAML file; "
             "key=value arguments override them (values parsed as YAML; dict settings take "
@@ -195,6 +233,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=32, help="images per tower forward (default 32)")
     p.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
     p.set_defaults(func=_cache_features)
+
+    p = sub.add_parser(
+        "capfilt",
+        help="BLIP's CapFilt: caption every image, keep the captions a filter's ITM accepts",
+        description=(
+            "For every image of --data (a JSON list or JSONL of {image, caption (string or list)} "
+            "records), sample --num-captions synthetic captions from the captioner (a blip_caption "
+            "checkpoint) with nucleus sampling, score the original and synthetic captions with the "
+            "filter's ITM head (a blip_retrieval checkpoint), and keep those whose match probability "
+            "is at least --threshold. Writes --out in the input's format (caption lists, with "
+            "`itm_scores`, `caption_source` and the `removed` captions), OUT.summary.json, and "
+            "OUT.progress.jsonl, from which a rerun continues where an interrupted one stopped. "
+            "Unreadable images are skipped, counted and listed."
+        ),
+    )
+    p.add_argument("--captioner", required=True, help="a BLIP checkpoint with a decoder (recipe blip_caption)")
+    p.add_argument("--filter", required=True, help="a BLIP checkpoint with an ITM head (recipe blip_retrieval)")
+    p.add_argument("--data", required=True, help="the (web) image-text records to clean, JSON list or JSONL")
+    p.add_argument("--out", required=True, help="the cleaned dataset (JSON or JSONL, as the input)")
+    p.add_argument("--threshold", type=float, default=0.5, help="keep captions with ITM match probability >= this (0.5)")
+    p.add_argument("--num-captions", type=int, default=1, help="synthetic captions sampled per image (default 1)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (default 0.9)")
+    p.add_argument("--batch-size", type=int, default=32, help="images per batch (default 32)")
+    p.add_argument("--max-new-tokens", type=int, default=20, help="longest synthetic caption in tokens (default 20)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the nucleus sampling")
+    p.add_argument("--device", default=None, help="e.g. cuda:0 (default: cpu)")
+    p.set_defaults(func=_capfilt)
 
     p = sub.add_parser(
         "eval",
@@ -230,29 +295,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "export",
-        help="export a stage-2 checkpoint as a soft visual prompt for an unmodified LLM",
+        help="export a stage-2 checkpoint: a soft visual prompt for an unmodified LLM, or transformers BLIP-2",
         description=(
-            "Write safetensors weights (ln_vision, the Q-Former's query path, the projection) and "
-            "a JSON manifest (vision tower and layer, LLM, number of queries, widths, image "
-            "transform, end-of-text token). qformer.SoftVisualPrompt.from_pretrained(OUT) turns "
-            "images into inputs_embeds and attention_mask for the LLM's own generate(). (The "
-            "transformers Blip2ForConditionalGeneration export, --format hf-blip2, is not "
-            "implemented yet.)"
+            "soft-prompt (default): write safetensors weights (ln_vision, the Q-Former's query path, "
+            "the projection) and a JSON manifest (vision tower and layer, LLM, number of queries, "
+            "widths, image transform, end-of-text token). qformer.SoftVisualPrompt.from_pretrained(OUT) "
+            "turns images into inputs_embeds and attention_mask for the LLM's own generate(). "
+            "hf-blip2: write a directory that transformers' Blip2ForConditionalGeneration and "
+            "Blip2Processor load (vision tower up to the layer the Q-Former reads, Q-Former, "
+            "projection, LLM, tokenizer with the image placeholder, image processor, decoding "
+            "defaults). Needs an open_clip ViT without ln_pre or a transformers Blip2VisionModel; any "
+            "other tower fails naming what transformers cannot express."
         ),
     )
     p.add_argument("--checkpoint", required=True, help="a stage-2 model directory")
-    p.add_argument("--format", choices=["soft-prompt"], default="soft-prompt")
+    p.add_argument("--format", choices=["soft-prompt", "hf-blip2"], default="soft-prompt")
     p.add_argument("--out", required=True, help="output directory")
     p.set_defaults(func=_export)
 
     p = sub.add_parser(
         "import",
-        help="convert a LAVIS or transformers BLIP-2 retrieval checkpoint into a stage-1 checkpoint",
+        help="convert a LAVIS or transformers BLIP-2 checkpoint into a stage-1 or stage-2 checkpoint",
         description=(
             "Read the Q-Former, its heads and ln_vision from a LAVIS file (.pth, loaded with "
             "weights_only=True, or .safetensors) or from a directory that "
             "transformers.Blip2ForImageTextRetrieval.from_pretrained loads, and write our stage-1 "
-            "checkpoint (config.json + model.safetensors). Keys are matched strictly: anything "
+            "checkpoint (config.json + model.safetensors). A transformers "
+            "Blip2ForConditionalGeneration directory (e.g. from `qformer export --format hf-blip2`) "
+            "becomes a stage-2 checkpoint instead, with its LLM and vision tower saved in "
+            "OUT/language_model and OUT/vision_model. Keys are matched strictly: anything "
             "unknown, missing or of the wrong shape stops the import and is named."
         ),
     )

@@ -114,6 +114,18 @@ HF_RETRIEVAL_NAMES: list[Rule] = [
     ("itm_head", "itm_head"),
 ]
 
+# Our `Stage2Model`'s own weights (its trainable state dict) <-> transformers
+# `Blip2ForConditionalGeneration`. There the Q-Former has neither word/position embeddings nor the
+# text FFN (`use_qformer_text_input=False`): stage 2 runs the query path only, as ours does. The
+# frozen bridges map separately (qformer/hf_blip2.py): the tower to `vision_model.*`, the LLM to
+# `language_model.*`.
+HF_STAGE2_NAMES: list[Rule] = [
+    ("qformer.query_tokens", "query_tokens"),
+    *[(f"qformer.{ours}", f"qformer.{theirs}") for ours, theirs in HF_QFORMER_NAMES],
+    ("ln_vision", "vision_model.post_layernorm"),
+    ("proj", "language_projection"),
+]
+
 # Our `Stage1Model` <-> LAVIS `Blip2Qformer`.
 LAVIS_NAMES: list[Rule] = [
     ("qformer.query_tokens", "query_tokens"),

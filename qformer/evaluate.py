@@ -84,13 +84,21 @@ def load_stage1(directory: str | Path, device: str | torch.device = "cpu"):
 def evaluate_retrieval(
     checkpoint: str | Path, data: str | Path, *, k_test: int = 128, batch_size: int = 64, max_text_len: int = 35
 ) -> dict[str, Any]:
-    """Recall@1/5/10 both ways, by ITC alone and after ITM re-ranking of the top k. Where records
-    carry `scene_key`, a hit is any text of the same scene; strict instance-level recall beside it."""
+    """Recall@1/5/10 both ways, by ITC alone and after ITM re-ranking of the top k, of a stage-1
+    or BLIP checkpoint. Where records carry `scene_key`, a hit is any text of the same scene;
+    strict instance-level recall beside it."""
     from qformer.eval.retrieval import recall_at_k, retrieval_scores
 
-    model, tokenizer, bridge = load_stage1(checkpoint)
+    if checkpoint_kind(checkpoint) == "blip":  # BLIP: its own trained ViT and final norm
+        from qformer.blip import BlipModel
+
+        model = BlipModel.from_pretrained(checkpoint, need=("retrieval", "itm")).eval()
+        tokenizer, bridge, embed = model.tokenizer, model.vision, model.embed_image
+    else:
+        model, tokenizer, bridge = load_stage1(checkpoint)
+        embed = bridge
     records, root = read_records(data)
-    tokens = torch.cat([bridge(image_pixels(bridge, [root / r["image"] for r in chunk])) for chunk in _batches(records, batch_size)])
+    tokens = torch.cat([embed(image_pixels(bridge, [root / r["image"] for r in chunk])) for chunk in _batches(records, batch_size)])
     texts, owner = [], []
     for i, r in enumerate(records):
         for caption in references(r):
@@ -139,11 +147,17 @@ def generate_captions(model, records, root: Path, *, batch_size: int = 32, **gen
 def evaluate_captions(
     checkpoint: str | Path, data: str | Path, *, num_beams: int = 5, max_new_tokens: int = 30, batch_size: int = 32
 ) -> dict[str, Any]:
-    """BLEU-4 and CIDEr (COCO protocol) against each record's references; `exact_match`: the
-    share of captions with every attribute right (ShapesWorld records, which carry `scene`)."""
+    """BLEU-4 and CIDEr (COCO protocol) against each record's references, of a stage-2 or BLIP
+    checkpoint's captions; `exact_match`: the share of captions with every attribute right
+    (ShapesWorld records, which carry `scene`)."""
     from qformer.eval.metrics import caption_scores
 
-    model = load_stage2(checkpoint)
+    if checkpoint_kind(checkpoint) == "blip":
+        from qformer.blip import BlipModel
+
+        model = BlipModel.from_pretrained(checkpoint, need="caption").eval()
+    else:
+        model = load_stage2(checkpoint)
     records, root = read_records(data)
     captions = generate_captions(model, records, root, batch_size=batch_size, num_beams=num_beams, max_new_tokens=max_new_tokens)
     scores = caption_scores({i: c for i, c in enumerate(captions)}, {i: references(r) for i, r in enumerate(records)})

@@ -14,11 +14,23 @@ Q-Former's query path, the projection). `SoftVisualPrompt.from_pretrained(OUT)` 
     embeds = torch.cat([soft, llm.get_input_embeddings()(ids)], dim=1)
     out = llm.generate(inputs_embeds=embeds, attention_mask=torch.cat([mask, torch.ones_like(ids)], 1),
                        eos_token_id=svp.manifest["eos_token_id"], max_new_tokens=30)
+
+A checkpoint trained with `llm_lora` has no unmodified LLM to serve: its LoRA adapter is written
+beside the prompt (`llm_adapter/`, peft's format), the manifest names it (`llm_adapter`, null
+otherwise), and the LLM must be loaded with it, or the soft prompt meets an LLM it was not trained
+with:
+
+    if svp.llm_adapter is not None:
+        llm = PeftModel.from_pretrained(llm, svp.llm_adapter)   # or .merge_and_unload() after it
+
+A vision-tower adapter (`vision_lora`) is part of the artifact (`vision_adapter/`) and
+`SoftVisualPrompt` applies it itself.
 """
 
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -29,9 +41,14 @@ from torch import Tensor, nn
 from qformer.checkpoint import CheckpointError, load_state_dict_strict
 from qformer.config import QFormerConfig
 from qformer.model import QFormer
+from qformer.stage2 import LLM_ADAPTER, VISION_ADAPTER
 
 MANIFEST = "soft_prompt.json"
 FORMAT = "qformer-soft-prompt"
+LLM_ADAPTER_NOTE = (
+    "This soft prompt was trained with a LoRA adapter on the LLM: load the LLM with it, "
+    "PeftModel.from_pretrained(llm, '<this folder>/llm_adapter'), or the LLM is not the one it was trained with."
+)
 
 
 def export_soft_prompt(checkpoint: str | Path, out: str | Path) -> Path:
@@ -43,9 +60,16 @@ def export_soft_prompt(checkpoint: str | Path, out: str | Path) -> Path:
         raise CheckpointError(f"{checkpoint} names no vision tower: the artifact needs one to read images.")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    weights = {k: v for k, v in model.trainable_state_dict().items()}  # ln_vision, query path, proj
+    weights = model.trainable_state_dict(adapters=False)  # ln_vision, query path, proj
     save_file({k: v.detach().contiguous() for k, v in weights.items()}, str(out / "model.safetensors"))
     language = model.language
+    # adapters in peft's format beside the prompt: the tower's is applied by `SoftVisualPrompt`, the
+    # LLM's is the user's to load (the manifest and a warning say so)
+    if model.vision.lora is not None:
+        model.vision.save_adapter(out / VISION_ADAPTER)
+    if language.lora is not None:
+        language.save_adapter(out / LLM_ADAPTER)
+        warnings.warn(LLM_ADAPTER_NOTE.replace("<this folder>", str(out)), stacklevel=2)
     manifest = {
         "format": FORMAT,
         "vision": model.vision.spec,
@@ -60,18 +84,27 @@ def export_soft_prompt(checkpoint: str | Path, out: str | Path) -> Path:
         "qformer_width": model.config.hidden_size,
         "llm_width": language.hidden_size,
         "qformer": model.config.to_dict(),
+        # the LLM's LoRA adapter (a folder in this artifact), or null: the LLM is used unmodified
+        "llm_adapter": LLM_ADAPTER if language.lora is not None else None,
+        "llm_lora": language.lora.to_dict() if language.lora is not None else None,
+        "vision_adapter": VISION_ADAPTER if model.vision.lora is not None else None,
+        "vision_lora": model.vision.lora.to_dict() if model.vision.lora is not None else None,
     }
+    if language.lora is not None:
+        manifest["note"] = LLM_ADAPTER_NOTE
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out
 
 
 class SoftVisualPrompt(nn.Module):
-    """Images -> (inputs_embeds (b, q, d_llm), attention_mask (b, q)) for an unmodified LLM."""
+    """Images -> (inputs_embeds (b, q, d_llm), attention_mask (b, q)) for the LLM the prompt was
+    trained with: the unmodified LLM, or with the LoRA adapter at `llm_adapter` when there is one."""
 
-    def __init__(self, manifest: dict[str, Any], vision) -> None:
+    def __init__(self, manifest: dict[str, Any], vision, *, directory: Path | None = None) -> None:
         super().__init__()
         config = QFormerConfig.from_dict(manifest["qformer"])
         self.manifest = manifest
+        self.directory = directory
         self.vision = vision
         self.ln_vision = nn.LayerNorm(config.vision_width, eps=config.vision_layer_norm_eps)
         self.qformer = QFormer(config)
@@ -90,7 +123,11 @@ class SoftVisualPrompt(nn.Module):
         manifest = json.loads(path.read_text())
         if manifest.get("format") != FORMAT:
             raise CheckpointError(f"{path} is not a soft-prompt manifest (format {manifest.get('format')!r}).")
-        model = cls(manifest, VisionBridge.from_spec(manifest["vision"], device=device))
+        vision = VisionBridge.from_spec(manifest["vision"], device=device)
+        if manifest.get("vision_adapter"):
+            vision.add_lora(manifest["vision_lora"], key="vision_lora")
+            vision.load_adapter(directory / manifest["vision_adapter"])
+        model = cls(manifest, vision, directory=directory)
         weights = load_file(str(directory / "model.safetensors"))
         from qformer.stage2 import text_only_prefixes
 
@@ -98,6 +135,15 @@ class SoftVisualPrompt(nn.Module):
         # the Q-Former's text-only parts take no part in a soft prompt and are not exported
         load_state_dict_strict(own, weights, source=str(directory), allow_missing=text_only_prefixes(model.qformer.config))
         return model.to(device) if device is not None else model
+
+    @property
+    def llm_adapter(self) -> Path | None:
+        """The folder of the LLM's LoRA adapter (peft's format), which the LLM must be loaded with;
+        None when the soft prompt is for the unmodified LLM."""
+        name = self.manifest.get("llm_adapter")
+        if name is None:
+            return None
+        return (self.directory / name) if self.directory is not None else Path(name)
 
     @property
     def transform(self):

@@ -138,23 +138,28 @@ def sample_itm_negatives(
     sim_t2i: Tensor,
     *,
     image_ids: Tensor | None = None,
+    exclude: Tensor | None = None,
     hardest: bool = False,
     generator: torch.Generator | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pick one hard negative text per local image and one hard negative image per local text.
 
     Negatives are drawn from the world batch in proportion to softmax(similarity), with every
-    positive pair (the item itself, or any item with the same image id) excluded. `hardest=True`
+    positive pair (the item itself, or any item with the same image id) excluded, and the pairs
+    marked in `exclude` (b, B) too (e.g. items whose caption is the same text). `hardest=True`
     takes the most similar negative instead of sampling (deterministic; used to compare runs).
     Returns (neg_text_for_image, neg_image_for_text), each (b,) indices into the world batch.
     """
     rank, _ = rank_and_world()
     b, B = sim_i2t.shape
     pos = positive_pairs(b, B, rank, image_ids).to(sim_i2t.device)
+    if exclude is not None:
+        pos = pos | exclude.to(pos.device)
     if bool(pos.all(dim=1).any()):
         raise ValueError(
             "ITM needs a negative for every pair, but some item has no pair with a different "
-            "image in the batch: use a batch with at least two distinct images (image_ids)."
+            "image in the batch: use a batch with at least two distinct images (image_ids)"
+            + (" and captions." if exclude is not None else ".")
         )
 
     def pick(sim: Tensor) -> Tensor:

@@ -22,6 +22,7 @@ hs head size (d / h).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -30,6 +31,23 @@ from torch import Tensor, nn
 from qformer.config import QFormerConfig
 
 KV = tuple[Tensor, Tensor]  # keys and values, each (b, h, n, hs)
+
+
+class TrunkConfig(Protocol):
+    """The BERT fields that `Attention`, `FeedForward` and `TextEmbeddings` read. `QFormerConfig`
+    has them, and so does `qformer.blip.BlipConfig`: BLIP's text model is built from the same blocks."""
+
+    hidden_size: int
+    num_heads: int
+    intermediate_size: int
+    hidden_act: str
+    layer_norm_eps: float
+    hidden_dropout: float
+    attention_dropout: float
+    vocab_size: int
+    max_position_embeddings: int
+    pad_token_id: int
+
 
 ACTIVATIONS = {
     "gelu": nn.GELU,
@@ -41,7 +59,7 @@ ACTIVATIONS = {
 class Attention(nn.Module):
     """Multi-head attention followed by BERT's post-LN residual block (dense, dropout, LayerNorm)."""
 
-    def __init__(self, config: QFormerConfig, kv_width: int) -> None:
+    def __init__(self, config: TrunkConfig, kv_width: int) -> None:
         super().__init__()
         d = config.hidden_size
         self.num_heads = config.num_heads
@@ -93,7 +111,7 @@ class Attention(nn.Module):
 class FeedForward(nn.Module):
     """BERT's FFN with its post-LN residual."""
 
-    def __init__(self, config: QFormerConfig) -> None:
+    def __init__(self, config: TrunkConfig) -> None:
         super().__init__()
         self.fc1 = nn.Linear(config.hidden_size, config.intermediate_size)
         self.act = ACTIVATIONS[config.hidden_act]()
@@ -142,17 +160,20 @@ class TextEmbeddings(nn.Module):
     """Word + absolute position embeddings for text; queries get neither. The [queries; text]
     concatenation goes through LayerNorm and dropout together (also with no text)."""
 
-    def __init__(self, config: QFormerConfig) -> None:
+    def __init__(self, config: TrunkConfig) -> None:
         super().__init__()
         self.word = nn.Embedding(config.vocab_size, config.hidden_size, padding_idx=config.pad_token_id)
         self.position = nn.Embedding(config.max_position_embeddings, config.hidden_size)
         self.norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, input_ids: Tensor | None, queries: Tensor | None) -> Tensor:
+    def forward(self, input_ids: Tensor | None, queries: Tensor | None, *, position_offset: int = 0) -> Tensor:
+        """`position_offset`: the position of the first text token; 0 (text starts at 0) except when
+        decoding one token at a time after a cache of the earlier ones."""
         parts = [] if queries is None else [queries]
         if input_ids is not None:
-            positions = torch.arange(input_ids.shape[1], device=input_ids.device)  # text starts at 0
+            t = input_ids.shape[1]
+            positions = torch.arange(position_offset, position_offset + t, device=input_ids.device)
             parts.append(self.word(input_ids) + self.position(positions))
         return self.dropout(self.norm(torch.cat(parts, dim=1)))
 

@@ -30,14 +30,14 @@ from qformer.losses import (
     rank_and_world,
     sample_itm_negatives,
 )
-from qformer.model import ACTIVATIONS, KV, QFormer, check_image_tokens
+from qformer.model import ACTIVATIONS, KV, QFormer, TrunkConfig, check_image_tokens
 
 
 class LMHead(nn.Module):
     """BERT's prediction head. The output matrix is the word-embedding matrix (tied, as BERT and
     the original do), passed in at call time so that the checkpoint holds one copy of it."""
 
-    def __init__(self, config: QFormerConfig) -> None:
+    def __init__(self, config: TrunkConfig) -> None:
         super().__init__()
         self.dense = nn.Linear(config.hidden_size, config.hidden_size)
         self.act = ACTIVATIONS[config.hidden_act]()  # BERT's head uses the trunk's activation

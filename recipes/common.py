@@ -264,9 +264,20 @@ def load_training_state(
     named_params: dict[str, nn.Parameter],
     rank: int,
 ) -> dict[str, Any]:
-    """Restore what `save_training_state` wrote; returns trainer_state.json."""
+    """Restore what `save_training_state` wrote; returns trainer_state.json. The optimizer's
+    parameters must be the saved ones, by name and group (LoRA adapters included)."""
     meta = read_trainer_state(directory)
     tensors = load_file(str(directory / "optimizer.safetensors"))
+    names = {id(p): n for n, p in named_params.items()}
+    ours = [sorted(names.get(id(p), "?") for p in g["params"]) for g in optimizer.param_groups]
+    theirs = [sorted(g["params"]) for g in meta["param_groups"]]
+    if ours != theirs:
+        gone = sorted({n for g in theirs for n in g} - {n for g in ours for n in g})
+        new = sorted({n for g in ours for n in g} - {n for g in theirs for n in g})
+        raise ConfigError(
+            f"Cannot resume from {directory}: the optimizer there trained other parameters than this model's "
+            f"(only there: {gone[:5]}; only here: {new[:5]}). Resume with the settings it was trained with."
+        )
     for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
         for k, v in saved.items():
             if k != "params":

@@ -4,7 +4,9 @@ the soft visual prompt of a frozen LLM (decoder-only like OPT, or encoder-decode
     qformer train recipes/configs/blip2_stage2_opt2.7b.yaml [key=value ...]
 
 A copy of the stage-1 recipe, edited where stage 2 differs (as torchtune prefers to a shared
-trainer): the model, the loss, and what a checkpoint holds (the trainable weights only).
+trainer): the model, the loss, and what a checkpoint holds (the trainable weights only). With
+`llm_lora` / `vision_lora` a LoRA adapter on the frozen LLM / tower trains too (peft); checkpoints
+and resumption carry its weights and optimizer state.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from bridges.lora import lora_problems
 from recipes import common
 from recipes.config import ConfigError, differences, load_config, to_dict
 
@@ -51,9 +54,23 @@ class Stage2Settings(common.TrainSettings):
     prefix_lm: bool = False  # encoder-decoder LLMs: split captions at random (prefix-LM pretraining)
     max_text_len: int = 32
     warmup_steps: int = 2000
+    # LoRA adapters (peft) on the frozen LLM / vision tower; null: none (BLIP-2 as published).
+    # {r: 8, alpha: 16, dropout: 0.05, target_modules: null}; target_modules null picks per model:
+    # OPT, Llama q_proj, v_proj; T5 q, v; GPT-2 c_attn; open_clip ViT mlp.c_fc, mlp.c_proj;
+    # transformers CLIP q_proj, v_proj. The adapted model's own weights stay frozen.
+    llm_lora: dict[str, Any] | None = None
+    vision_lora: dict[str, Any] | None = None
 
     def problems(self) -> list[str]:
         p = super().problems()
+        for key in ("llm_lora", "vision_lora"):
+            if getattr(self, key) is not None:
+                p += lora_problems(getattr(self, key), key=key)
+        if self.vision_lora is not None and self.feature_cache:
+            p.append(
+                "`vision_lora` adapts the vision tower, but the tokens in `feature_cache` were computed "
+                "without the adapter: unset `feature_cache` to train on images, or unset `vision_lora`"
+            )
         if self.stage1 is None and self.bert is None and self.tokenizer is None and not self.qformer:
             p.append("without `stage1`, say how to build the Q-Former: `bert`, or `qformer_preset` with `qformer` fields")
         if self.stage1 is None and self.feature_cache is None and not self.vision:
@@ -116,7 +133,10 @@ class Stage2Recipe:
         language = LanguageBridge.from_pretrained(
             s.llm, device=acc.device, compute_dtype=s.llm_dtype, end_of_text=s.end_of_text
         )
-        model = Stage2Model(config, language=language, vision=self.vision, prompt=s.prompt, vqa_template=s.vqa_template)
+        model = Stage2Model(
+            config, language=language, vision=self.vision, prompt=s.prompt, vqa_template=s.vqa_template,
+            llm_lora=s.llm_lora, vision_lora=s.vision_lora,
+        )  # fmt: skip
         if s.stage1:
             report = model.load_stage1(s.stage1)
             if acc.is_main_process:
@@ -140,7 +160,8 @@ class Stage2Recipe:
             )  # fmt: skip
         self.skips = SkipReport()
 
-        # step 4: optimizer over exactly the trainable parameters (Q-Former query path, ln_vision, proj)
+        # step 4: optimizer over exactly the trainable parameters (Q-Former query path, ln_vision, proj,
+        # and the LoRA adapters if any)
         optimizer = torch.optim.AdamW(common.param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.start_step = 0
@@ -149,8 +170,6 @@ class Stage2Recipe:
             self._resume(resume)
 
     def _resume(self, directory: Path) -> None:
-        from qformer.checkpoint import load_state_dict_strict, read_model_dir
-
         meta_settings = common.read_trainer_state(directory)["settings"]
         diffs = differences(meta_settings, to_dict(self.s), ignore=RESUMABLE_CHANGES)
         if diffs:
@@ -158,8 +177,7 @@ class Stage2Recipe:
                 f"Cannot resume from {directory}: it was trained with other settings:\n  - " + "\n  - ".join(diffs)
             )
         model = self.acc.unwrap_model(self.model)
-        _, state_dict = read_model_dir(directory / "model")
-        load_state_dict_strict(model.trainable_state_dict(), state_dict, source=str(directory))
+        model.load_trainable_weights(directory / "model")  # the Q-Former side and the LoRA adapters
         meta = common.load_training_state(
             directory, optimizer=self.optimizer, named_params=dict(model.named_parameters()), rank=self.acc.process_index
         )

@@ -153,12 +153,14 @@ def save_llm(family: str, folder: str | Path) -> str:
 
 
 def save_open_clip_vit(folder: Path, name: str = "qformer-test-tiny-vit", *, image_size: int = 32,
-                       patch: int = 8, width: int = 32, layers: int = 3) -> tuple[str, str]:
-    """A tiny open_clip ViT registered under `name` and saved as a weights file: (name, file)."""
+                       patch: int = 8, width: int = 32, layers: int = 3,
+                       vision_options: dict | None = None) -> tuple[str, str]:
+    """A tiny open_clip ViT registered under `name` and saved as a weights file: (name, file).
+    `vision_options`: more `vision_cfg` entries, e.g. {"no_ln_pre": True} as the ShapesWorld ViT."""
     config = {
         "embed_dim": 16,
         "vision_cfg": {"image_size": image_size, "patch_size": patch, "width": width, "layers": layers,
-                       "head_width": width // 4, "mlp_ratio": 2},
+                       "head_width": width // 4, "mlp_ratio": 2, **(vision_options or {})},
         "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1},
     }  # fmt: skip
     folder.mkdir(parents=True, exist_ok=True)
