@@ -71,6 +71,8 @@ def _cache_features(args: argparse.Namespace) -> int:
     module = _recipe_module(args.config)
     settings_cls = next(v for k, v in vars(module).items() if k.endswith("Settings"))
     s = load_config(settings_cls, args.config, args.overrides)
+    if s.recipe.startswith("blip_"):
+        raise ConfigError(f"{args.config}: BLIP trains its ViT, so there are no frozen tokens to cache; train from pixels.")
     if not s.feature_cache:
         raise ConfigError("Set `feature_cache=DIR` (where the tokens go; training then reads them from there).")
     spec = s.vision
@@ -243,9 +245,10 @@ def build_parser() -> argparse.ArgumentParser:
             "checkpoint) with nucleus sampling, score the original and synthetic captions with the "
             "filter's ITM head (a blip_retrieval checkpoint), and keep those whose match probability "
             "is at least --threshold. Writes --out in the input's format (caption lists, with "
-            "`itm_scores`, `caption_source` and the `removed` captions), OUT.summary.json, and "
-            "OUT.progress.jsonl, from which a rerun continues where an interrupted one stopped. "
-            "Unreadable images are skipped, counted and listed."
+            "`itm_scores`, `caption_source` and the `removed` captions), a summary beside it "
+            "(clean.json -> clean.summary.json), and its progress (clean.json.progress.jsonl), from which a "
+            "rerun continues where an interrupted one stopped. Unreadable images are skipped, counted and "
+            "listed."
         ),
     )
     p.add_argument("--captioner", required=True, help="a BLIP checkpoint with a decoder (recipe blip_caption)")
@@ -263,12 +266,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "eval",
-        help="evaluate a checkpoint: retrieval (stage 1), caption or vqa (stage 2)",
+        help="evaluate a checkpoint: retrieval (stage 1 or BLIP), caption (stage 2 or BLIP) or vqa (stage 2)",
         description=(
             "Score a checkpoint on a JSON list of {image, caption (string or list of references), "
             "[scene_key], [qa]} records: retrieval recall@1/5/10 both ways by ITC and after ITM "
-            "re-ranking of the top k (stage-1 checkpoint); BLEU-4 and CIDEr of generated captions; "
-            "VQAv2 accuracy of zero-shot answers (stage-2 checkpoint). Writes every number to --out."
+            "re-ranking of the top k (stage-1 or BLIP checkpoint); BLEU-4 and CIDEr of generated captions "
+            "(stage-2 or BLIP checkpoint); VQAv2 accuracy of zero-shot answers (stage-2 checkpoint). Writes "
+            "every number to --out."
         ),
     )
     p.add_argument("--checkpoint", required=True, help="a model directory written by a recipe")

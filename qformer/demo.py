@@ -123,13 +123,18 @@ def run_demo(
     *,
     llm: Literal["opt", "t5"] = "opt",
     world: Literal["simple", "full"] = "simple",
-    recipe: Literal["blip2"] = "blip2",
+    recipe: Literal["blip2", "blip", "capfilt"] = "blip2",
     minutes: float | None = None,
     seed: int = 0,
     plan: DemoPlan | None = None,
     cache_dir: str | Path | None = None,
     fast: bool = False,
 ) -> dict[str, Any]:
+    if recipe in ("blip", "capfilt"):  # the BLIP baseline and its CapFilt bootstrapping: qformer/demo_blip.py
+        from qformer import demo_blip
+
+        run = demo_blip.run_blip_demo if recipe == "blip" else demo_blip.run_capfilt_demo
+        return run(out, world=world, minutes=minutes, seed=seed, cache_dir=cache_dir, fast=fast)
     from qformer.world.backbones import ensure_backbones
     from qformer.world.shapes import generate_world
     from recipes.stage1 import Stage1Recipe, Stage1Settings
@@ -306,7 +311,8 @@ def print_table(metrics: dict[str, Any]) -> None:
         ("retrieval R@1 i2t / t2i (ITM re-ranked)", f"{r['itm']['i2t_r1']:.3f} / {r['itm']['t2i_r1']:.3f}"),
         ("captions with every attribute right", f"{metrics['caption']['exact_match']:.3f}"),
         ("caption BLEU-4 / CIDEr", f"{metrics['caption']['bleu4']:.3f} / {metrics['caption']['cider']:.3f}"),
-        ("VQA accuracy (zero-shot)", f"{metrics['vqa']['accuracy']:.3f}"),
+        (f"VQA accuracy ({'trained on QA pairs' if metrics['plan'].get('qa_per_image') else 'zero-shot'})",
+         f"{metrics['vqa']['accuracy']:.3f}"),
         ("ablation: CIDEr without stage 1", f"{metrics['ablation']['without_stage1']['caption']['cider']:.3f}"),
     ]
     if "compositional" in metrics:

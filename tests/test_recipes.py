@@ -148,13 +148,15 @@ def test_training_from_the_cache_runs(world, tmp_path):
 # ------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_yaml_parses_and_opens_with_its_command(path):
+    from recipes.blip import RECIPE_NAMES, BlipSettings
     from recipes.stage1 import Stage1Settings
     from recipes.stage2 import Stage2Settings
 
     text = path.read_text()
     assert text.startswith("# qformer train recipes/configs/" + path.name)
     data = yaml.safe_load(text)
-    settings = load_config({"stage1": Stage1Settings, "stage2": Stage2Settings}[data["recipe"]], path)
+    classes = {"stage1": Stage1Settings, "stage2": Stage2Settings, **dict.fromkeys(RECIPE_NAMES, BlipSettings)}
+    settings = load_config(classes[data["recipe"]], path)
     assert settings.recipe == data["recipe"]
 
 
