@@ -77,6 +77,8 @@ def world_tokenizer_for_qformer(data_dir: Path, out_dir: Path) -> Path:
     from transformers import PreTrainedTokenizerFast
 
     words: set[str] = set()
+    for text in (CAPTION_PROMPT, VQA_TEMPLATE.format("")):  # what an instruction-aware Q-Former reads
+        words.update(pre_tokenizers.BertPreTokenizer().pre_tokenize_str(text.lower()))
     for split in ("train", "test", "compositional_test"):
         path = data_dir / f"{split}.json"
         if not path.is_file():

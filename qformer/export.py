@@ -25,6 +25,11 @@ with:
 
 A vision-tower adapter (`vision_lora`) is part of the artifact (`vision_adapter/`) and
 `SoftVisualPrompt` applies it itself.
+
+An instruction-aware checkpoint's soft prompt depends on the text prompt the LLM reads after it:
+the artifact then holds the Q-Former's tokenizer (`qformer_tokenizer/`), the manifest says
+`instruction_aware: true`, and `svp(images, instructions=[prompt, ...])` takes the prompts ("" for
+none; the caption prompt, or the question in the manifest's `vqa_template`).
 """
 
 from __future__ import annotations
@@ -41,7 +46,7 @@ from torch import Tensor, nn
 from qformer.checkpoint import CheckpointError, load_state_dict_strict
 from qformer.config import QFormerConfig
 from qformer.model import QFormer
-from qformer.stage2 import LLM_ADAPTER, VISION_ADAPTER
+from qformer.stage2 import LLM_ADAPTER, QFORMER_TOKENIZER, VISION_ADAPTER, tokenize_instructions
 
 MANIFEST = "soft_prompt.json"
 FORMAT = "qformer-soft-prompt"
@@ -70,6 +75,8 @@ def export_soft_prompt(checkpoint: str | Path, out: str | Path) -> Path:
     if language.lora is not None:
         language.save_adapter(out / LLM_ADAPTER)
         warnings.warn(LLM_ADAPTER_NOTE.replace("<this folder>", str(out)), stacklevel=2)
+    if model.instruction_aware:
+        model.qformer_tokenizer.save_pretrained(out / QFORMER_TOKENIZER)
     manifest = {
         "format": FORMAT,
         "vision": model.vision.spec,
@@ -80,6 +87,9 @@ def export_soft_prompt(checkpoint: str | Path, out: str | Path) -> Path:
         "end_of_text": language.spec["end_of_text"],
         "eos_token_id": language.end_token_id,
         "prompt": model.prompt,
+        "vqa_template": model.vqa_template,
+        # the Q-Former reads the LLM's prompt too: pass it as `instructions=`
+        "instruction_aware": model.instruction_aware,
         "num_query_tokens": model.config.num_query_tokens,
         "qformer_width": model.config.hidden_size,
         "llm_width": language.hidden_size,
@@ -109,6 +119,8 @@ class SoftVisualPrompt(nn.Module):
         self.ln_vision = nn.LayerNorm(config.vision_width, eps=config.vision_layer_norm_eps)
         self.qformer = QFormer(config)
         self.proj = nn.Linear(config.hidden_size, manifest["llm_width"])
+        self.instruction_aware = bool(manifest.get("instruction_aware", False))
+        self.qformer_tokenizer = None  # set by `from_pretrained` when instruction-aware
         self.requires_grad_(False)
         self.eval()
 
@@ -129,11 +141,16 @@ class SoftVisualPrompt(nn.Module):
             vision.load_adapter(directory / manifest["vision_adapter"])
         model = cls(manifest, vision, directory=directory)
         weights = load_file(str(directory / "model.safetensors"))
-        from qformer.stage2 import text_only_prefixes
+        from qformer.stage2 import unused_prefixes
 
         own = {k: v for k, v in model.state_dict().items() if not k.startswith("vision.")}
-        # the Q-Former's text-only parts take no part in a soft prompt and are not exported
-        load_state_dict_strict(own, weights, source=str(directory), allow_missing=text_only_prefixes(model.qformer.config))
+        # the Q-Former parts that cannot reach the soft prompt are not exported
+        unused = unused_prefixes(model.qformer.config, instruction_aware=model.instruction_aware)
+        load_state_dict_strict(own, weights, source=str(directory), allow_missing=unused)
+        if model.instruction_aware:
+            from transformers import AutoTokenizer
+
+            model.qformer_tokenizer = AutoTokenizer.from_pretrained(directory / QFORMER_TOKENIZER)
         return model.to(device) if device is not None else model
 
     @property
@@ -150,13 +167,29 @@ class SoftVisualPrompt(nn.Module):
         return self.vision.eval_transform()
 
     @torch.no_grad()
-    def forward(self, images) -> tuple[Tensor, Tensor]:
-        """`images`: PIL images, or pixels (b, 3, H, W) already transformed."""
+    def forward(self, images, instructions: list[str] | None = None) -> tuple[Tensor, Tensor]:
+        """`images`: PIL images, or pixels (b, 3, H, W) already transformed. `instructions`: one
+        per image, the prompt the LLM reads after the soft prompt; required when the manifest says
+        `instruction_aware`, refused otherwise."""
+        if self.instruction_aware != (instructions is not None):
+            raise ValueError(
+                "This soft prompt is instruction-aware: pass `instructions=` (one prompt per image, \"\" for none)."
+                if self.instruction_aware
+                else "This soft prompt reads no instructions (instruction_aware is false): leave `instructions` out."
+            )
         if not isinstance(images, Tensor):
             from bridges.vision import to_rgb
 
             images = torch.stack([self.transform(to_rgb(image)) for image in images])
         tokens = self.ln_vision(self.vision(images).float())  # (b, n, d_v)
-        queries = self.qformer(image_embeds=tokens).query_output  # (b, q, d)
+        if instructions is None:
+            queries = self.qformer.forward_queries(tokens)  # (b, q, d)
+        else:
+            ids, mask = tokenize_instructions(
+                self.qformer_tokenizer, instructions, max_length=self.qformer.config.max_position_embeddings
+            )  # (b, t), (b, t)
+            queries = self.qformer.forward_queries(
+                tokens, instruction_ids=ids.to(tokens.device), instruction_mask=mask.to(tokens.device)
+            )
         soft = self.proj(queries)  # (b, q, d_llm)
         return soft, torch.ones(soft.shape[:2], dtype=torch.long, device=soft.device)

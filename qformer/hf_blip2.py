@@ -26,6 +26,20 @@ The export writes one directory that `Blip2ForConditionalGeneration.from_pretrai
   `generation_config=model.generation_config` to decode as `qformer caption` does.
 * `qformer_export.json`: the caption prompt, the VQA template and where the model came from.
 
+An instruction-aware checkpoint (`instruction_aware: true`) exports as InstructBLIP instead:
+`InstructBlipForConditionalGeneration` with an `InstructBlipProcessor`, whose Q-Former tokenizer
+(`qformer_tokenizer/`) is ours. The layouts match: InstructBLIP's Q-Former embeds the instruction
+with word + position embeddings (positions from 0), puts the queries in front, normalises the
+concatenation with one LayerNorm (`qformer.embeddings.layernorm`, BLIP-2's `qformer.layernorm`),
+lets queries and instruction attend to each other, cross-attends with the query positions only and
+runs the text FFN (`intermediate`, `output`) on the instruction, as ours does. The processor gives
+the same `text` to both tokenizers, as our model reads its LLM prompt as the instruction; pass
+`text=""` for captions without a prompt (InstructBLIP needs `qformer_input_ids`). One difference
+is transformers': its processor pads the Q-Former's ids on the LLM tokenizer's side, left for a
+decoder-only LLM, and the Q-Former does not shift positions for left padding. Ours pads on the
+right; for a batch of prompts of different lengths, take `qformer_input_ids` and
+`qformer_attention_mask` from `processor.qformer_tokenizer(text, padding=True, padding_side="right")`.
+
 The import reads a `Blip2ForConditionalGeneration` directory into a stage-2 checkpoint (the LLM and
 the tower are saved beside it, in `language_model/` and `vision_model/`), or a
 `Blip2ForImageTextRetrieval` directory into a stage-1 checkpoint (`convert.stage1_from_hf_retrieval`).
@@ -55,11 +69,17 @@ from transformers import (
     Blip2VisionModel,
     CLIPImageProcessor,
     GenerationConfig,
+    InstructBlipConfig,
+    InstructBlipForConditionalGeneration,
+    InstructBlipProcessor,
+    InstructBlipQFormerConfig,
+    InstructBlipVisionConfig,
 )
 from transformers.image_utils import PILImageResampling
 
 from qformer.checkpoint import CONFIG_NAME, CheckpointError, LoadReport, load_state_dict_strict
 from qformer.convert import (
+    HF_LAYER_NAMES,
     HF_STAGE2_NAMES,
     Rule,
     convert_state_dict,
@@ -67,7 +87,7 @@ from qformer.convert import (
     stage1_from_hf_retrieval,
     to_hf_qformer_config,
 )
-from qformer.stage2 import VQA_PROMPT, Stage2Model, text_only_prefixes
+from qformer.stage2 import VQA_PROMPT, Stage2Model, text_only_prefixes, unused_prefixes
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -77,6 +97,19 @@ if TYPE_CHECKING:
 
 MANIFEST = "qformer_export.json"
 FORMAT = "qformer-hf-blip2"
+
+# Our instruction-aware `Stage2Model`'s weights <-> transformers `InstructBlipForConditionalGeneration`.
+# Unlike BLIP-2's, its Q-Former holds the word/position embeddings and the text FFN, and keeps the
+# embedding LayerNorm under `embeddings.` (BLIP-2: `qformer.layernorm`).
+INSTRUCTBLIP_STAGE2_NAMES: list[Rule] = [
+    ("qformer.query_tokens", "query_tokens"),
+    ("qformer.embeddings.word", "qformer.embeddings.word_embeddings"),
+    ("qformer.embeddings.position", "qformer.embeddings.position_embeddings"),
+    ("qformer.embeddings.norm", "qformer.embeddings.layernorm"),
+    *[(f"qformer.layers.{{N}}.{ours}", f"qformer.encoder.layer.{{N}}.{theirs}") for ours, theirs in HF_LAYER_NAMES],
+    ("ln_vision", "vision_model.post_layernorm"),
+    ("proj", "language_projection"),
+]
 
 # open_clip `VisionTransformer` -> transformers `Blip2VisionModel`. Both run pre-norm blocks
 # x + attn(ln_1(x)), x + mlp(ln_2(x)) on [class token; patches] + position embeddings.
@@ -300,8 +333,10 @@ def image_processor_for(vision: VisionBridge) -> CLIPImageProcessor:
 # ---------------------------------------------------------------------------------------------
 def export_hf_blip2(checkpoint: str | Path, out: str | Path) -> Path:
     """Write the stage-2 checkpoint in `checkpoint` as a transformers BLIP-2 directory `out`
-    (model, processor, generation config, `qformer_export.json`). LoRA adapters on the LLM or the
-    tower are added into their weights: transformers' BLIP-2 has no place for an adapter."""
+    (model, processor, generation config, `qformer_export.json`); an instruction-aware checkpoint
+    as InstructBLIP (`InstructBlipForConditionalGeneration`, `InstructBlipProcessor`). LoRA
+    adapters on the LLM or the tower are added into their weights: transformers' BLIP-2 has no
+    place for an adapter."""
     config = _stage2_config(checkpoint)
     if not config.get("vision"):
         raise CheckpointError(
@@ -318,6 +353,11 @@ def export_hf_blip2(checkpoint: str | Path, out: str | Path) -> Path:
     processor.save_pretrained(out)
     manifest = {
         "format": FORMAT,
+        "architecture": type(hf).__name__,
+        # InstructBLIP: the Q-Former reads the prompt too (the processor's `text`, "" for none),
+        # its ids padded on the right (see the module docstring)
+        "instruction_aware": model.instruction_aware,
+        "qformer_padding_side": "right" if model.instruction_aware else None,
         "source": str(Path(checkpoint).resolve()),
         "prompt": model.prompt,  # pass it as `text=` to the processor ("" when None)
         "vqa_template": model.vqa_template,
@@ -360,10 +400,13 @@ def _stage2_config(checkpoint: str | Path) -> dict[str, Any]:
 
 def to_hf_blip2(
     model: Stage2Model, *, vision: VisionBridge, language: LanguageBridge
-) -> tuple[Blip2ForConditionalGeneration, Blip2Processor, bool]:
+) -> tuple[
+    Blip2ForConditionalGeneration | InstructBlipForConditionalGeneration, Blip2Processor | InstructBlipProcessor, bool
+]:
     """The transformers model and processor of `model` with these bridges (without LoRA
     adapters: pass `model.vision.merged()`, `model.language.merged()`), and whether a row for the
-    image placeholder was added to the LLM's embedding table.
+    image placeholder was added to the LLM's embedding table. An instruction-aware model becomes
+    `InstructBlipForConditionalGeneration` with an `InstructBlipProcessor`.
 
     Raises ValueError naming what transformers cannot express. Takes over `language.model`: the
     transformers model holds that LLM (no copy), whose embedding table may grow by that row.
@@ -384,7 +427,15 @@ def to_hf_blip2(
         # batched generation needs every row's next token at the end. save_pretrained writes
         # `init_kwargs`, not the attribute, so set both.
         tokenizer.padding_side = tokenizer.init_kwargs["padding_side"] = "left"
-    processor = Blip2Processor(image_processor_for(vision), tokenizer, num_query_tokens=model.config.num_query_tokens)
+    num_queries = model.config.num_query_tokens
+    if model.instruction_aware:
+        qformer_tokenizer = copy.deepcopy(model.qformer_tokenizer)
+        qformer_tokenizer.padding_side = qformer_tokenizer.init_kwargs["padding_side"] = "right"
+        processor = InstructBlipProcessor(
+            image_processor_for(vision), tokenizer, qformer_tokenizer, num_query_tokens=num_queries
+        )
+    else:
+        processor = Blip2Processor(image_processor_for(vision), tokenizer, num_query_tokens=num_queries)
     image_token_id = tokenizer.convert_tokens_to_ids(str(processor.image_token))
 
     # step 2: an embedding row for the placeholder. Its input embedding is always replaced by the
@@ -400,36 +451,69 @@ def to_hf_blip2(
     text_config.pad_token_id = language.pad_token_id
     qformer_config = to_hf_qformer_config(model.config)
     qformer_config.use_qformer_text_input = False  # stage 2 runs the query path only
-    config = Blip2Config(
-        vision_config=vision_config.to_dict(),
-        qformer_config=qformer_config.to_dict(),
-        text_config=text_config.to_dict(),
-        num_query_tokens=model.config.num_query_tokens,
-        image_token_index=image_token_id,
-        initializer_range=model.config.initializer_range,
-    )
+    parts = {
+        "text_config": text_config.to_dict(),
+        "num_query_tokens": num_queries,
+        "image_token_index": image_token_id,
+        "initializer_range": model.config.initializer_range,
+    }
+    if model.instruction_aware:
+        config = InstructBlipConfig(
+            vision_config=_as_config(InstructBlipVisionConfig, vision_config),
+            qformer_config=_as_config(InstructBlipQFormerConfig, qformer_config),
+            **parts,
+        )
+    else:
+        config = Blip2Config(vision_config=vision_config.to_dict(), qformer_config=qformer_config.to_dict(), **parts)
 
     # step 4: the weights. Built on the meta device so the LLM is never allocated twice; the real
     # LLM goes in as it is and every other tensor is assigned from ours.
-    ours = convert_state_dict(model.trainable_state_dict(adapters=False), HF_STAGE2_NAMES)
-    assert not ours.unmatched, f"keys of ours missing from convert.HF_STAGE2_NAMES: {ours.unmatched}"
+    names = INSTRUCTBLIP_STAGE2_NAMES if model.instruction_aware else HF_STAGE2_NAMES
+    ours = convert_state_dict(_stage2_weights(model), names)
+    assert not ours.unmatched, f"keys of ours missing from the name table: {ours.unmatched}"
     state = {f"vision_model.{k}": v for k, v in vision_state.items()}
     state |= {k: v.detach().float().clone() for k, v in ours.state_dict.items()}
+    model_class = InstructBlipForConditionalGeneration if model.instruction_aware else Blip2ForConditionalGeneration
     with torch.device("meta"):
-        hf = Blip2ForConditionalGeneration(config)
+        hf = model_class(config)
     hf.language_model = llm
     result = hf.load_state_dict(state, strict=False, assign=True)
+    if model.instruction_aware:  # a buffer that is not saved, so nothing above assigned it
+        positions = torch.arange(model.config.max_position_embeddings)
+        hf.qformer.embeddings.position_ids = positions.expand((1, -1))  # (1, max_position_embeddings)
     missing = [k for k in result.missing_keys if not k.startswith("language_model.")]
     on_meta = [n for n, t in chain(hf.named_parameters(), hf.named_buffers()) if t.is_meta]
     if missing or result.unexpected_keys or on_meta:
         raise CheckpointError(
-            "The transformers BLIP-2 model does not take our weights exactly: "
+            f"The transformers {model_class.__name__} does not take our weights exactly: "
             f"missing {missing or on_meta}, unexpected {result.unexpected_keys}. The name tables in "
-            "qformer/convert.py (HF_STAGE2_NAMES) and qformer/hf_blip2.py need updating for this "
-            "transformers version."
+            "qformer/convert.py (HF_STAGE2_NAMES) and qformer/hf_blip2.py (INSTRUCTBLIP_STAGE2_NAMES) "
+            "need updating for this transformers version."
         )
     hf.generation_config = _generation_config(language, suppress=image_token_id if row_added else None)
     return hf.eval(), processor, row_added
+
+
+def _stage2_weights(model: Stage2Model) -> dict[str, Tensor]:
+    """The weights transformers' model needs of ours: the trainable ones outside the bridges, and
+    for InstructBLIP also the last layer's text FFN. That one is frozen and not saved (its outputs
+    reach nothing), but transformers computes it and drops the result; it is written as zero
+    dense layers and an identity LayerNorm so that the export does not depend on a random init."""
+    weights = dict(model.trainable_state_dict(adapters=False))
+    if model.instruction_aware:
+        for prefix in unused_prefixes(model.config, instruction_aware=True):
+            module = model.get_submodule(prefix.rstrip("."))
+            for name, tensor in module.state_dict().items():
+                fill = torch.ones_like if name == "norm.weight" else torch.zeros_like
+                weights[prefix + name] = fill(tensor)
+    return weights
+
+
+def _as_config(config_class: type, config: Any) -> Any:
+    """`config` (a BLIP-2 sub-config) as `config_class`: the fields the InstructBLIP class has."""
+    defaults = config_class().to_dict()
+    skip = {"model_type", "transformers_version", "architectures"}
+    return config_class(**{k: v for k, v in config.to_dict().items() if k in defaults and k not in skip})
 
 
 def _add_zero_rows(llm: PreTrainedModel, num_rows: int) -> None:
@@ -506,6 +590,12 @@ def _blip2_config(src: str | Path) -> Blip2Config:
                 "(save_pretrained writes config.json)."
             )
         raw = json.loads(config_path.read_text())
+        if raw.get("model_type") == "instructblip":
+            raise ValueError(
+                f"{src} holds an InstructBLIP model: `qformer import --from hf-blip2` reads BLIP-2 "
+                "(Blip2ForConditionalGeneration, Blip2ForImageTextRetrieval) only; importing InstructBLIP "
+                "is not supported yet. Keep the instruction-aware stage-2 checkpoint it was exported from."
+            )
         if "kind" in raw:
             raise ValueError(
                 f"{src} is already one of our checkpoints ({raw['kind']!r}); --from hf-blip2 converts "

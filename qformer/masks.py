@@ -33,7 +33,8 @@ def text_only_mask(text_mask: Tensor) -> Tensor:
 
 
 def bidirectional_mask(num_queries: int, text_mask: Tensor) -> Tensor:
-    """ITM: queries and text all see each other (text padding excluded as keys)."""
+    """ITM, and InstructBLIP's instruction pass (`QFormer.forward_queries`): queries and text all
+    see each other (text padding excluded as keys)."""
     b, t = text_mask.shape
     keys = torch.cat([text_mask.new_ones(b, num_queries).bool(), text_mask.bool()], dim=1)
     return keys[:, None, None, :].expand(b, 1, num_queries + t, num_queries + t)

@@ -15,6 +15,10 @@ of transformers' `Blip2QFormerModel` (with which it is proven equal by the parit
   query pass, as the original does: under the multimodal-causal mask the query rows see only
   queries, so their states are exactly those of the query-only pass.
 
+`forward_queries` is the query path that stage 2 feeds to the LLM: BLIP-2's query-only pass, or
+InstructBLIP's, in which the instruction's tokens join the queries in self-attention (both ways)
+while only the queries cross-attend to the image.
+
 Legend: b batch, q queries, t text tokens, n image tokens, d width, d_v vision width, h heads,
 hs head size (d / h).
 """
@@ -29,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from qformer.config import QFormerConfig
+from qformer.masks import bidirectional_mask
 
 KV = tuple[Tensor, Tensor]  # keys and values, each (b, h, n, hs)
 
@@ -288,6 +293,44 @@ class QFormer(nn.Module):
             )
             cache.append(layer_cache)
         return QFormerOutput(x, num_queries, cache if return_cache else None)
+
+    def forward_queries(
+        self,
+        image_embeds: Tensor | None = None,
+        *,
+        image_kv: list[KV | None] | None = None,
+        instruction_ids: Tensor | None = None,
+        instruction_mask: Tensor | None = None,
+    ) -> Tensor:
+        """The query outputs (b, q, d) for an image, as tokens (b, n, d_v) or `image_kv(tokens)`.
+
+        Without an instruction: BLIP-2's query-only pass, exactly `forward(image_embeds=...)`.
+        With `instruction_ids` (b, t) (InstructBLIP): one pass over [queries; instruction] under
+        `bidirectional_mask`, so queries and instruction tokens attend to each other; as in every
+        pass, only the query positions cross-attend to the image. `instruction_mask` is the
+        tokenizer's attention mask (b, t), 1 for real tokens; padding is never attended to, so it
+        leaves the query outputs unchanged. None: no padding. The instruction's own outputs are
+        dropped: only the queries go on to the LLM.
+        """
+        if instruction_ids is None:
+            if instruction_mask is not None:
+                raise ValueError("`instruction_mask` was given without `instruction_ids`: pass both, or neither.")
+            return self(image_embeds=image_embeds, image_kv=image_kv).query_output
+        if instruction_mask is None:
+            instruction_mask = torch.ones_like(instruction_ids)
+        if instruction_mask.shape != instruction_ids.shape:
+            raise ValueError(
+                f"`instruction_mask` {tuple(instruction_mask.shape)} must have the shape of "
+                f"`instruction_ids` {tuple(instruction_ids.shape)}: pass the tokenizer's attention_mask."
+            )
+        images = image_embeds.shape[0] if image_embeds is not None else _kv_batch(image_kv)
+        if instruction_ids.shape[0] != images:
+            raise ValueError(
+                f"{images} images but {instruction_ids.shape[0]} instructions: pass one instruction per image."
+            )
+        mask = bidirectional_mask(self.config.num_query_tokens, instruction_mask)  # (b, 1, q + t, q + t)
+        out = self(input_ids=instruction_ids, mask=mask, image_embeds=image_embeds, image_kv=image_kv)
+        return out.query_output  # (b, q, d)
 
     def _check_text(self, input_ids: Tensor) -> None:
         cfg = self.config

@@ -9,6 +9,13 @@ sees exactly what learns; the vision tower and the LLM are frozen inside their b
 weights stay frozen, the adapter is saved beside the Q-Former in peft's format (`llm_adapter/`,
 `vision_adapter/`) and reloaded by `from_pretrained`.
 
+With `instruction_aware=True` (InstructBLIP) the text prompt the LLM reads (the caption prompt, or
+the question in `vqa_template`) is also the Q-Former's instruction: tokenized with the Q-Former's
+own tokenizer, it joins the queries in self-attention (`QFormer.forward_queries`), so the soft
+prompt depends on what is asked; only the query outputs go through `proj`. The Q-Former's word and
+position embeddings and text FFN then train too, except the last layer's text FFN, whose outputs
+nothing reads.
+
 Legend: b batch, q queries, n image tokens, d Q-Former width, d_v vision width, d_llm LLM width.
 """
 
@@ -34,6 +41,8 @@ from qformer.config import QFormerConfig
 from qformer.model import QFormer, check_image_tokens
 
 if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
     from bridges.language import LanguageBridge
     from bridges.lora import LoraSettings
     from bridges.vision import VisionBridge
@@ -41,6 +50,7 @@ if TYPE_CHECKING:
 VQA_PROMPT = "Question: {} Short answer:"
 LLM_ADAPTER = "llm_adapter"  # the LoRA adapters' folders in a checkpoint, in peft's format
 VISION_ADAPTER = "vision_adapter"
+QFORMER_TOKENIZER = "qformer_tokenizer"  # an instruction-aware checkpoint's Q-Former tokenizer
 BRIDGES = ("vision.", "language.")  # parameters inside the bridges: frozen, or LoRA adapters
 
 # Stage-1 weights that stage 2 has no use for: the ITC/ITM/ITG heads and the temperature.
@@ -68,6 +78,28 @@ def text_only_prefixes(config: QFormerConfig) -> tuple[str, ...]:
     )
 
 
+def tokenize_instructions(
+    tokenizer: PreTrainedTokenizerBase, instructions: list[str], *, max_length: int
+) -> tuple[Tensor, Tensor]:
+    """Instructions -> (ids, attention mask), each (b, t), by the Q-Former's tokenizer with its
+    special tokens ([CLS] ... [SEP]), padded on the right whatever the tokenizer's own side (the
+    Q-Former counts positions from the first slot), cut at `max_length` (the position table)."""
+    encoded = tokenizer(
+        list(instructions), padding="longest", padding_side="right", truncation=True, max_length=max_length,
+        return_tensors="pt",
+    )  # fmt: skip
+    return encoded["input_ids"], encoded["attention_mask"]
+
+
+def unused_prefixes(config: QFormerConfig, *, instruction_aware: bool) -> tuple[str, ...]:
+    """The Q-Former parts that cannot reach the soft prompt, frozen in stage 2 (and not saved):
+    every text-only part on the query-only path; with an instruction, only the last layer's text
+    FFN (its outputs are dropped, and earlier text states reach the queries through attention)."""
+    if instruction_aware:
+        return (f"qformer.layers.{config.num_layers - 1}.ffn_text.",)
+    return text_only_prefixes(config)
+
+
 class Stage2Model(nn.Module):
     KIND = "qformer-stage2"
 
@@ -81,12 +113,16 @@ class Stage2Model(nn.Module):
         vqa_template: str = VQA_PROMPT,
         llm_lora: LoraSettings | dict[str, Any] | None = None,
         vision_lora: LoraSettings | dict[str, Any] | None = None,
+        instruction_aware: bool = False,
+        qformer_tokenizer: PreTrainedTokenizerBase | None = None,
     ) -> None:
         """`vision` may be None when training from cached tower tokens (`image_tokens=`).
         `prompt`: the text after the soft prompt that captions were trained with (used by
         `generate` when no prompts are given); `vqa_template`: how `answer` asks questions.
         `llm_lora` / `vision_lora`: {r, alpha, dropout, target_modules} of a LoRA adapter that
-        this constructor puts on the given bridge (in place; see `bridges.lora`), None for none."""
+        this constructor puts on the given bridge (in place; see `bridges.lora`), None for none.
+        `instruction_aware`: the Q-Former also reads each prompt (InstructBLIP), tokenized by
+        `qformer_tokenizer` (the tokenizer its text embeddings were trained with: stage 1's)."""
         super().__init__()
         if vision_lora is not None and vision is None:
             raise ValueError(
@@ -101,7 +137,11 @@ class Stage2Model(nn.Module):
             )
         if "{}" not in vqa_template:
             raise ValueError(f"vqa_template={vqa_template!r} needs a {{}} where the question goes.")
+        if instruction_aware:
+            _check_qformer_tokenizer(qformer_tokenizer, config)
         self.config = config
+        self.instruction_aware = instruction_aware
+        self.qformer_tokenizer = qformer_tokenizer  # a plain attribute: tokenizers are no modules
         self.prompt = prompt
         self.vqa_template = vqa_template
         self.vision = vision  # frozen (inside the bridge)
@@ -110,7 +150,7 @@ class Stage2Model(nn.Module):
         self.proj = nn.Linear(config.hidden_size, language.hidden_size)
         self.language = language  # frozen (inside the bridge)
         for name, p in self.named_parameters():
-            if name.startswith(text_only_prefixes(config)):
+            if name.startswith(unused_prefixes(config, instruction_aware=instruction_aware)):
                 p.requires_grad_(False)
         # the adapters: inside the bridges, they are the only parameters there that train
         if llm_lora is not None:
@@ -124,8 +164,26 @@ class Stage2Model(nn.Module):
             raise ValueError("This model has no vision tower: pass cached `image_tokens=` instead of pixels.")
         return self.vision(pixel_values)  # (b, n, d_v), no gradient
 
-    def soft_prompt(self, *, pixel_values: Tensor | None = None, image_tokens: Tensor | None = None) -> Tensor:
-        """Images -> the soft visual prompt (b, q, d_llm)."""
+    def soft_prompt(
+        self,
+        *,
+        pixel_values: Tensor | None = None,
+        image_tokens: Tensor | None = None,
+        instructions: list[str] | None = None,
+    ) -> Tensor:
+        """Images -> the soft visual prompt (b, q, d_llm). `instructions` (instruction-aware models
+        only, and required there): one text per image, the prompt the LLM reads after it."""
+        if instructions is not None and not self.instruction_aware:
+            raise ValueError(
+                "`instructions` were given, but this model's Q-Former reads none (instruction_aware=False): "
+                "leave them out, or train with `instruction_aware: true`."
+            )
+        if self.instruction_aware and instructions is None:
+            raise ValueError(
+                "This model is instruction-aware: its soft prompt depends on the instruction. Pass "
+                "`instructions=` (one per image: the prompt the LLM reads, e.g. the caption prompt, "
+                "\"\" for none, or the question in `vqa_template`)."
+            )
         if (pixel_values is None) == (image_tokens is None):
             raise ValueError("Give exactly one of `pixel_values` and `image_tokens`.")
         if image_tokens is None:
@@ -137,8 +195,33 @@ class Stage2Model(nn.Module):
             )
         check_image_tokens(image_tokens, self.config.vision_width)
         image = self.ln_vision(image_tokens.float())  # (b, n, d_v), fp32
-        queries = self.qformer(image_embeds=image).query_output  # (b, q, d)
+        if instructions is None:
+            queries = self.qformer.forward_queries(image)  # (b, q, d)
+        else:
+            if len(instructions) != image.shape[0]:
+                raise ValueError(
+                    f"{image.shape[0]} images but {len(instructions)} instructions: pass one instruction per image."
+                )
+            ids, mask = self.tokenize_instructions(instructions)  # (b, t), (b, t)
+            queries = self.qformer.forward_queries(image, instruction_ids=ids, instruction_mask=mask)
         return self.proj(queries)  # (b, q, d_llm)
+
+    def tokenize_instructions(self, instructions: list[str]) -> tuple[Tensor, Tensor]:
+        """Instructions -> (ids, attention mask), each (b, t), on the Q-Former's device."""
+        if self.qformer_tokenizer is None:
+            raise ValueError("This model has no Q-Former tokenizer (`qformer_tokenizer=`) to read instructions with.")
+        ids, mask = tokenize_instructions(self.qformer_tokenizer, instructions, max_length=self.config.max_position_embeddings)
+        device = self.qformer.query_tokens.device
+        return ids.to(device), mask.to(device)
+
+    def _instructions(self, prompts: list[str] | str | None, b: int) -> list[str] | None:
+        """The Q-Former's instructions for a batch with these LLM prompts: the prompts themselves
+        ("" where there is none) when instruction-aware, else None."""
+        if not self.instruction_aware:
+            return None
+        if prompts is None:
+            return [""] * b
+        return [prompts] * b if isinstance(prompts, str) else list(prompts)
 
     def forward(
         self,
@@ -151,8 +234,10 @@ class Stage2Model(nn.Module):
         prefix_lm: bool = False,
         generator: torch.Generator | None = None,
     ) -> dict[str, Tensor]:
-        """The language-modelling loss of `texts` given the images (and optional prompts)."""
-        soft = self.soft_prompt(pixel_values=pixel_values, image_tokens=image_tokens)
+        """The language-modelling loss of `texts` given the images (and optional prompts, which an
+        instruction-aware Q-Former reads too)."""
+        instructions = self._instructions(prompts, _num_images(pixel_values, image_tokens))
+        soft = self.soft_prompt(pixel_values=pixel_values, image_tokens=image_tokens, instructions=instructions)
         if len(texts) != soft.shape[0]:
             raise ValueError(f"{soft.shape[0]} images but {len(texts)} texts: need one text per image.")
         inputs = self.language.training_inputs(
@@ -170,10 +255,13 @@ class Stage2Model(nn.Module):
         **generation: Any,
     ) -> list[str]:
         """Captions (or answers, with prompts) for a batch of images; decoding settings go to the
-        language bridge (num_beams=5, max_new_tokens=30, min_new_tokens=1 by default)."""
-        soft = self.soft_prompt(pixel_values=pixel_values, image_tokens=image_tokens)
+        language bridge (num_beams=5, max_new_tokens=30, min_new_tokens=1 by default). An
+        instruction-aware Q-Former reads the prompts too."""
+        b = _num_images(pixel_values, image_tokens)
         if prompts is None and self.prompt:
-            prompts = [self.prompt] * soft.shape[0]
+            prompts = [self.prompt] * b
+        instructions = self._instructions(prompts, b)
+        soft = self.soft_prompt(pixel_values=pixel_values, image_tokens=image_tokens, instructions=instructions)
         return self.language.generate(soft, prompts, **generation)
 
     def answer(
@@ -217,6 +305,8 @@ class Stage2Model(nn.Module):
             vision=self.vision.merged() if self.vision is not None else None,
             prompt=self.prompt,
             vqa_template=self.vqa_template,
+            instruction_aware=self.instruction_aware,
+            qformer_tokenizer=self.qformer_tokenizer,
         )
         load_state_dict_strict(clone._own_state_dict(), self._own_state_dict(), source="the adapted model")
         return clone.train(self.training)
@@ -269,11 +359,19 @@ class Stage2Model(nn.Module):
 
     @classmethod
     def from_stage1(
-        cls, directory: str | Path, *, language: LanguageBridge, vision: VisionBridge | None = None
+        cls,
+        directory: str | Path,
+        *,
+        language: LanguageBridge,
+        vision: VisionBridge | None = None,
+        instruction_aware: bool = False,
     ) -> tuple[Stage2Model, LoadReport]:
-        """A stage-2 model shaped like the stage-1 checkpoint in `directory`, with its weights."""
+        """A stage-2 model shaped like the stage-1 checkpoint in `directory`, with its weights
+        (instruction-aware: also its tokenizer, `tokenizer/`, as the stage-1 recipe saves it)."""
         config, _ = read_model_dir(directory)
-        model = cls(QFormerConfig.from_dict(config["qformer"]), language=language, vision=vision)
+        tokenizer = stage1_tokenizer(directory) if instruction_aware else None
+        model = cls(QFormerConfig.from_dict(config["qformer"]), language=language, vision=vision,
+                    instruction_aware=instruction_aware, qformer_tokenizer=tokenizer)  # fmt: skip
         return model, model.load_stage1(directory)
 
     def _own_state_dict(self) -> dict[str, Tensor]:
@@ -300,11 +398,14 @@ class Stage2Model(nn.Module):
             "vqa_template": self.vqa_template,
             "llm_lora": self.language.lora.to_dict() if self.language.lora is not None else None,
             "vision_lora": vision_lora.to_dict() if vision_lora is not None else None,
+            "instruction_aware": self.instruction_aware,
         }
         directory = save_model(self.trainable_state_dict(adapters=False), directory, config)
         for bridge, folder in self._adapted():
             bridge.save_adapter(directory / folder)
         self.language.tokenizer.save_pretrained(directory / "tokenizer")
+        if self.instruction_aware:
+            self.qformer_tokenizer.save_pretrained(directory / QFORMER_TOKENIZER)
         return directory
 
     def load_trainable_weights(self, directory: str | Path) -> None:
@@ -351,6 +452,16 @@ class Stage2Model(nn.Module):
         # the tokenizer saved with the checkpoint, not whatever the LLM's name resolves to today
         tokenizer = AutoTokenizer.from_pretrained(Path(directory) / "tokenizer")
         language = LanguageBridge.from_spec(config["language"], tokenizer=tokenizer, device=device)
+        instruction_aware = bool(config.get("instruction_aware", False))  # absent: saved before the option
+        qformer_tokenizer = None
+        if instruction_aware:
+            path = Path(directory) / QFORMER_TOKENIZER
+            if not (path / "tokenizer_config.json").is_file():
+                raise CheckpointError(
+                    f"{directory} is instruction-aware but has no Q-Former tokenizer in {path}: save the "
+                    "model with Stage2Model.save_pretrained, which writes it."
+                )
+            qformer_tokenizer = AutoTokenizer.from_pretrained(path)
         model = cls(
             QFormerConfig.from_dict(config["qformer"]),
             language=language,
@@ -359,7 +470,42 @@ class Stage2Model(nn.Module):
             vqa_template=config.get("vqa_template", VQA_PROMPT),
             llm_lora=config.get("llm_lora"),
             vision_lora=vision_lora,
+            instruction_aware=instruction_aware,
+            qformer_tokenizer=qformer_tokenizer,
         )
         model.load_trainable_weights(directory)
         return model.to(device) if device is not None else model
 
+
+def _num_images(pixel_values: Tensor | None, image_tokens: Tensor | None) -> int:
+    if (pixel_values is None) == (image_tokens is None):
+        raise ValueError("Give exactly one of `pixel_values` and `image_tokens`.")
+    return (pixel_values if pixel_values is not None else image_tokens).shape[0]
+
+
+def stage1_tokenizer(directory: str | Path) -> PreTrainedTokenizerBase:
+    """The Q-Former tokenizer a stage-1 checkpoint was trained with (its `tokenizer/` folder)."""
+    from transformers import AutoTokenizer
+
+    path = Path(directory) / "tokenizer"
+    if not (path / "tokenizer_config.json").is_file():
+        raise FileNotFoundError(
+            f"{path} not found: an instruction-aware stage 2 reads instructions with the stage-1 "
+            "Q-Former's tokenizer, which the stage-1 recipe saves there. Copy the tokenizer stage 1 was "
+            "trained with into it (`tokenizer.save_pretrained(...)`), or set `tokenizer` in the stage-2 config."
+        )
+    return AutoTokenizer.from_pretrained(path)
+
+
+def _check_qformer_tokenizer(tokenizer: PreTrainedTokenizerBase | None, config: QFormerConfig) -> None:
+    if tokenizer is None:
+        raise ValueError(
+            "instruction_aware=True reads each prompt with the Q-Former's own tokenizer, but none was "
+            "given: pass `qformer_tokenizer=` (the one stage 1 was trained with, in its checkpoint's "
+            "tokenizer/ folder; Stage2Model.from_stage1 loads it)."
+        )
+    if len(tokenizer) > config.vocab_size:
+        raise ValueError(
+            f"The Q-Former tokenizer has {len(tokenizer)} tokens but the Q-Former's word embeddings only "
+            f"{config.vocab_size} rows (QFormerConfig.vocab_size): use the tokenizer the Q-Former was built with."
+        )

@@ -60,6 +60,11 @@ class Stage2Settings(common.TrainSettings):
     # transformers CLIP q_proj, v_proj. The adapted model's own weights stay frozen.
     llm_lora: dict[str, Any] | None = None
     vision_lora: dict[str, Any] | None = None
+    # InstructBLIP: the Q-Former also reads each item's text prompt (the caption `prompt`, or the
+    # question in `vqa_template`) with its own tokenizer (stage 1's `tokenizer/`, else `bert` /
+    # `tokenizer`); queries and prompt tokens share self-attention, only the queries go to the LLM.
+    # false: BLIP-2, the query-only Q-Former.
+    instruction_aware: bool = False
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -75,6 +80,11 @@ class Stage2Settings(common.TrainSettings):
             p.append("without `stage1`, say how to build the Q-Former: `bert`, or `qformer_preset` with `qformer` fields")
         if self.stage1 is None and self.feature_cache is None and not self.vision:
             p.append("without `stage1`, set `vision` (the frozen tower) or `feature_cache`")
+        if self.instruction_aware and self.stage1 is None and self.bert is None and self.tokenizer is None:
+            p.append(
+                "`instruction_aware` reads prompts with the Q-Former's tokenizer: set `stage1` (whose "
+                "tokenizer/ is used), `bert` or `tokenizer`"
+            )
         return p
 
 
@@ -96,7 +106,7 @@ class Stage2Recipe:
         from qformer.config import QFormerConfig
         from qformer.data import GlobalBatchSampler, ImageTextDataset, SkipReport, load_pairs
         from qformer.feature_cache import CachedPairsDataset, FeatureCache
-        from qformer.stage2 import Stage2Model
+        from qformer.stage2 import Stage2Model, stage1_tokenizer
 
         s = self.s
         probe = Accelerator()  # to learn the device before choosing the precision
@@ -129,13 +139,28 @@ class Stage2Recipe:
             }  # fmt: skip
             config = QFormerConfig.from_name(s.qformer_preset, **{"vision_width": width, **ids, **s.qformer})
 
+        # the Q-Former's own tokenizer, for instruction-aware prompts: the one its text embeddings
+        # learned with (stage 1's), else the one named for a fresh Q-Former
+        qformer_tokenizer = None
+        if s.instruction_aware:
+            if s.stage1 and (Path(s.stage1) / "tokenizer").is_dir():
+                qformer_tokenizer = stage1_tokenizer(s.stage1)
+            elif s.bert or s.tokenizer:
+                qformer_tokenizer = load_tokenizer(s.bert or s.tokenizer)
+            else:
+                raise ConfigError(
+                    f"`instruction_aware` needs the Q-Former's tokenizer, but {s.stage1} has no tokenizer/ "
+                    "folder: set `tokenizer` to the one stage 1 was trained with."
+                )
+
         # step 2: the frozen LLM and the stage-2 model around it
         language = LanguageBridge.from_pretrained(
             s.llm, device=acc.device, compute_dtype=s.llm_dtype, end_of_text=s.end_of_text
         )
         model = Stage2Model(
             config, language=language, vision=self.vision, prompt=s.prompt, vqa_template=s.vqa_template,
-            llm_lora=s.llm_lora, vision_lora=s.vision_lora,
+            llm_lora=s.llm_lora, vision_lora=s.vision_lora, instruction_aware=s.instruction_aware,
+            qformer_tokenizer=qformer_tokenizer,
         )  # fmt: skip
         if s.stage1:
             report = model.load_stage1(s.stage1)
@@ -252,6 +277,7 @@ class Stage2Recipe:
         else:
             inputs = {"pixel_values": batch["pixel_values"].to(acc.device)}
         # a caption follows the caption prompt; an answer follows its question in `vqa_template`
+        # (an instruction-aware Q-Former reads the same prompts)
         questions = batch.get("question") or [""] * len(batch["caption"])
         prompts = [s.vqa_template.format(q) if q else (s.prompt or "") for q in questions]
         if not any(prompts):
