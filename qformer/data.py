@@ -245,7 +245,7 @@ def _parse_record(record: Any, row: int, source: _Source) -> tuple[str, list[str
         raise ValueError(f"{where}: {image} is a URL; download the images first and point `image` at the files.")
 
     image = os.path.normpath(os.path.join(source.root, os.path.expanduser(image)))
-    if "question" in record:
+    if record.get("question") not in (None, ""):  # a CSV mixing both leaves it empty on caption rows
         return image, [_answer(record, where)], _question(record, where)
 
     key = next((key for key in CAPTION_KEYS if key in record), None)

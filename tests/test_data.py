@@ -404,6 +404,27 @@ def test_stream_split_by_node_is_disjoint_and_covering(tmp_path):
     assert len(set(ids.values())) == 5
 
 
+def test_question_records_beside_captions_in_json_and_csv(tmp_path):
+    """A {image, question, answer(s)} record is a row whose caption is its most frequent answer; in
+    a CSV holding both kinds, caption rows leave the question cell empty."""
+    records = [
+        {"image": "a.png", "caption": "a red circle"},
+        {"image": "a.png", "question": "what colour?", "answers": [{"answer": "blue"}, {"answer": "red"}, {"answer": "red"}]},
+    ]  # fmt: skip
+    pairs = load_pairs(write_json(tmp_path / "a.json", records))
+    assert pairs["caption"] == ["a red circle", "red"] and pairs["question"] == ["", "what colour?"]
+    path = tmp_path / "b.csv"
+    with path.open("w", newline="") as file:
+        writer = csv.DictWriter(file, ["image", "caption", "question", "answer"])
+        writer.writeheader()
+        writer.writerows([{"image": "a.png", "caption": "a red circle", "question": "", "answer": ""},
+                          {"image": "a.png", "caption": "", "question": "what colour?", "answer": "red"}])  # fmt: skip
+    pairs = load_pairs(path)
+    assert pairs["caption"] == ["a red circle", "red"] and pairs["question"] == ["", "what colour?"]
+    with pytest.raises(ValueError, match=r"row 0: a record with a `question` needs its answer"):
+        load_pairs(write_json(tmp_path / "c.json", [{"image": "a.png", "question": "what?"}]))
+
+
 def test_stream_csv_and_bad_record(tmp_path):
     path = tmp_path / "a.csv"
     path.write_text("image,caption,image_id\na.png,x,7\nb.png,y,\n,z,\n")
