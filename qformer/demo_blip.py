@@ -250,6 +250,7 @@ def run_capfilt_demo(
                 "injected": sum(injected),
                 "summary": {k: v for k, v in summary.items() if k not in ("settings", "skipped", "out", "progress")},
                 "filter": filter_scores(decisions, injected),
+                "filter_sweep": filter_sweep(decisions, injected),
                 "retrieval": retrieval,
                 "r1": {name: _mean_r1(r) for name, r in retrieval.items()},
                 "captioner": _captions(captioner, test, plan),
@@ -261,15 +262,20 @@ def run_capfilt_demo(
     return metrics
 
 
-def filter_scores(decisions: dict[int, dict[str, Any]], injected: list[bool]) -> dict[str, float | int]:
+def filter_scores(
+    decisions: dict[int, dict[str, Any]], injected: list[bool], threshold: float | None = None
+) -> dict[str, float | int]:
     """The filter as a detector of the injected captions: a removed original caption is a
-    positive. precision = removed injected / removed; recall = removed injected / injected."""
+    positive. precision = removed injected / removed; recall = removed injected / injected.
+    `threshold`: score the decisions a run at that threshold would have made (from the stored
+    ITM scores) instead of the ones this run made."""
     counts = {"removed_injected": 0, "removed_clean": 0, "kept_injected": 0, "kept_clean": 0}
     for row, result in decisions.items():
         if "skipped" in result:
             continue
         for item in result["original"]:
-            key = ("kept" if item["kept"] else "removed") + ("_injected" if injected[row] else "_clean")
+            kept = item["kept"] if threshold is None else item["itm_score"] >= threshold
+            key = ("kept" if kept else "removed") + ("_injected" if injected[row] else "_clean")
             counts[key] += 1
     removed = counts["removed_injected"] + counts["removed_clean"]
     positives = counts["removed_injected"] + counts["kept_injected"]
@@ -280,6 +286,20 @@ def filter_scores(decisions: dict[int, dict[str, Any]], injected: list[bool]) ->
     }
 
 
+# Thresholds the demo also scores the filter at. ITM trains on one positive for two negatives per
+# image, so its match probability carries a 1:2 prior: even odds on balanced data sit at 1/3.
+SWEEP_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 1 / 3, 0.5, 0.7)
+
+
+def filter_sweep(decisions: dict[int, dict[str, Any]], injected: list[bool]) -> list[dict[str, float]]:
+    """Precision and recall of the filter at each of `SWEEP_THRESHOLDS`."""
+    return [
+        {"threshold": round(t, 4), **{k: v for k, v in filter_scores(decisions, injected, t).items()
+                                      if k in ("precision", "recall")}}
+        for t in SWEEP_THRESHOLDS
+    ]  # fmt: skip
+
+
 def print_capfilt_table(metrics: dict[str, Any]) -> None:
     c = metrics["capfilt"]
     s, f, r = c["summary"], c["filter"], c["retrieval"]
@@ -287,6 +307,8 @@ def print_capfilt_table(metrics: dict[str, Any]) -> None:
         ("injected mismatched captions", f"{c['injected']} of {s['captions_in']}"),
         ("capfilt: kept / removed / added", f"{s['kept']} / {s['removed']} / {s['added']}"),
         ("filter precision / recall (injected)", f"{f['precision']:.3f} / {f['recall']:.3f}"),
+        *[(f"  at threshold {p['threshold']:.2f}", f"{p['precision']:.3f} / {p['recall']:.3f}")
+          for p in c.get("filter_sweep", [])],
     ]
     for name in ("noisy", "cleaned"):
         rows.append((

@@ -15,6 +15,7 @@ import yaml
 from safetensors.torch import load_file
 from tiny_models import save_open_clip_vit
 
+from qformer import demo_blip
 from qformer.cli import main
 from qformer.world.shapes import generate_world
 from recipes.common import read_metrics
@@ -403,3 +404,23 @@ def test_capfilt_demo_writes_metrics_with_the_filter_against_the_injected_noise(
     for name in ("noisy", "cleaned"):
         assert "i2t_r1" in c["retrieval"][name]["itm"] and 0 <= c["r1"][name] <= 1
     assert (out / "data_capfilt" / "train.json").is_file() and (out / "blip_cleaned" / "model").is_dir()
+    # the sweep re-scores the same decisions at the listed thresholds
+    assert [p["threshold"] for p in c["filter_sweep"]] == [round(t, 4) for t in demo_blip.SWEEP_THRESHOLDS]
+
+
+def test_filter_scores_count_removed_injected_captions_as_hits():
+    # rows 0, 1 injected; rows 2, 3 clean. Scores 0.1 (row 0), 0.4 (row 1), 0.3 (row 2), 0.9 (row 3).
+    def row(score, kept):
+        return {"original": [{"caption": "x", "itm_score": score, "kept": kept}], "synthetic": []}
+
+    decisions = {0: row(0.1, False), 1: row(0.4, False), 2: row(0.3, False), 3: row(0.9, True), 4: {"skipped": "bad"}}
+    injected = [True, True, False, False, False]
+    ran = demo_blip.filter_scores(decisions, injected)  # the run's own decisions: 3 removed, 2 of them injected
+    assert (ran["removed_injected"], ran["removed_clean"], ran["kept_clean"]) == (2, 1, 1)
+    assert ran["precision"] == pytest.approx(2 / 3) and ran["recall"] == 1.0
+    at_035 = demo_blip.filter_scores(decisions, injected, threshold=0.35)  # removes rows 0 and 2 only
+    assert at_035["precision"] == 0.5 and at_035["recall"] == 0.5
+    at_02 = demo_blip.filter_scores(decisions, injected, threshold=0.2)  # removes row 0 only
+    assert at_02["precision"] == 1.0 and at_02["recall"] == 0.5
+    sweep = {p["threshold"]: p for p in demo_blip.filter_sweep(decisions, injected)}
+    assert sweep[0.5]["precision"] == pytest.approx(2 / 3) and sweep[0.1]["recall"] == 0.0
