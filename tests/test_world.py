@@ -345,6 +345,16 @@ def test_lm_texts_are_deterministic_and_hold_out_pairs():
     assert kinds == {"caption", "question"}
 
 
+def test_exists_weight_raises_the_share_of_exists_questions():
+    def exists_share(weight: float) -> float:
+        questions = [t for t in iter_lm_texts("simple", seed=0, n=3000, exists_weight=weight) if " . question : " in t]
+        return sum(t.split(" . question : ")[1].startswith("is there") for t in questions) / len(questions)
+
+    # a one-object scene has six questions (count, four attributes, exists): 1/6 of them, or 4/9 at weight 4
+    assert exists_share(1.0) == pytest.approx(1 / 6, abs=0.03)
+    assert exists_share(4.0) == pytest.approx(4 / 9, abs=0.04)
+
+
 def test_lm_corpus_file(tmp_path: Path):
     path = sw.write_text_corpus(tmp_path / "lm.txt", level="simple", seed=0, n=50)
     lines = path.read_text().splitlines()

@@ -468,6 +468,7 @@ def train_world_lm(
     num_queries: int = 8,
     filler: str = DEFAULT_FILLER,
     n_texts: int | None = None,
+    exists_weight: float = 1.0,
     time_budget_s: float | None = None,
     log_every: int = 100,
 ) -> str:
@@ -484,7 +485,7 @@ def train_world_lm(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     n_texts = n_texts or min(steps * batch_size, 200_000)
-    texts = list(shapes.iter_lm_texts(world_level, seed=seed, n=n_texts))
+    texts = list(shapes.iter_lm_texts(world_level, seed=seed, n=n_texts, exists_weight=exists_weight))
     pairs = [lm_example(t, num_queries=num_queries, filler=filler) for t in texts]
     tok = world_tokenizer([c + " " + t for c, t in pairs], kind)
     newline_id = tok("\n", add_special_tokens=False)["input_ids"]
@@ -601,7 +602,10 @@ def vit_settings(level: str, seed: int, fast: bool) -> dict[str, Any]:
 
 
 def lm_settings(level: str, seed: int, llm: str, fast: bool, num_queries: int) -> dict[str, Any]:
-    train: dict[str, Any] = {"num_queries": num_queries, "steps": DEFAULT_LM_STEPS[llm]}
+    # "exists" questions (is there a <colour> <shape>?) weighted 4x: at the natural 1 in 6 the
+    # OPT answered them at chance (0.50) from the true scene words, at 4x 0.91 (measured, 400
+    # test questions; the other types 1.00 either way)
+    train: dict[str, Any] = {"num_queries": num_queries, "steps": DEFAULT_LM_STEPS[llm], "exists_weight": 4.0}
     if fast:
         train |= {"steps": 2, "batch_size": 8, "hidden": 32, "layers": 1, "heads": 2, "n_texts": 200}
     return {"what": "llm", "version": VERSION, "level": level, "seed": seed, "kind": llm, "train": train}

@@ -656,12 +656,14 @@ def _scene_words(scene: Scene, rng: random.Random) -> str:
 
 
 def iter_lm_texts(
-    level: Level = "simple", *, seed: int = 0, n: int = 10000, holdout: Iterable[tuple[str, str]] = DEFAULT_HOLDOUT
+    level: Level = "simple", *, seed: int = 0, n: int = 10000, holdout: Iterable[tuple[str, str]] = DEFAULT_HOLDOUT,
+    exists_weight: float = 1.0,
 ) -> Iterator[str]:
     """`n` conditional-task strings for teaching a tiny language model this world's language and
     to use its context: half "scene : <attribute words> . caption : <caption>", half
     "scene : <attribute words> . question : <question> answer : <answer>". Scenes come from the
-    training distribution, so no text names a held-out pair."""
+    training distribution, so no text names a held-out pair. A question is drawn from the scene's
+    question-answer pairs with the "exists" one weighted `exists_weight` times the others."""
     holdout = frozenset(tuple(pair) for pair in holdout)  # type: ignore[misc]
     rng = random.Random(f"{seed}/lm/{level}")
     for _ in range(n):
@@ -670,7 +672,11 @@ def iter_lm_texts(
         if rng.random() < 0.5:
             yield f"scene : {context} . caption : {caption(scene, rng, level=level)}"
         else:
-            qa = rng.choice(make_qa(scene, rng, avoid=holdout))
+            qas = make_qa(scene, rng, avoid=holdout)
+            if exists_weight == 1.0:
+                qa = rng.choice(qas)
+            else:
+                qa = rng.choices(qas, weights=[exists_weight if q["type"] == "exists" else 1.0 for q in qas])[0]
             yield f"scene : {context} . question : {qa['question']} answer : {qa['answer']}"
 
 
