@@ -12,6 +12,7 @@ ablation (stage 2 without stage 1), and write `metrics.json` and `report.html`.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,9 @@ VQA_TEMPLATE = ". question : {} answer :"
 
 @dataclass
 class DemoPlan:
-    """How much of everything: the only knobs the demo has. `scale` stretches every training
-    budget (`--minutes` sets it from the time left after the backbones)."""
+    """How much of everything: the only knobs the demo has. `scaled` stretches every training
+    budget (`--minutes` sets the factor from the time left after the backbones and a few timed
+    steps of each stage)."""
 
     n_train: int = 5000
     n_test: int = 500
@@ -164,9 +166,6 @@ def run_demo(
     # step 2: the frozen backbones, trained on the world once and cached
     with clock.phase("backbones"):
         backbones = ensure_backbones(world, cache_dir=cache_dir, seed=seed, llm=llm, fast=fast, num_queries=plan.num_queries)
-    if minutes is not None and not fast:
-        left = minutes * 60 - (time.perf_counter() - started)
-        plan = plan.scaled(max(0.1, left / _default_training_seconds()))
     # the tower's config file as its name: checkpoints then load it in any process
     vision = {"source": "open_clip", "name": backbones["vit_config"], "pretrained": backbones["vit_weights"], "layer": plan.vision_layer}
 
@@ -179,33 +178,53 @@ def run_demo(
         bridge = VisionBridge.from_spec(vision)
         write_feature_cache(bridge, load_pairs(data / "train.json"), out / "features", batch_size=256)
 
-    common = dict(
-        train_data=str(data / "train.json"), feature_cache=str(out / "features"), batch_size=plan.batch_size,
-        mixed_precision="no", log_every=max(1, min(25, plan.stage1_steps // 4)), seed=seed, weight_decay=0.05,
-    )  # fmt: skip
     qformer = dict(num_query_tokens=plan.num_queries, hidden_size=128, num_heads=4, intermediate_size=256,
                    num_layers=4, cross_attention_freq=1, embed_dim=64, max_position_embeddings=64,
                    hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
 
+    def common(steps: int) -> dict[str, Any]:
+        return dict(
+            feature_cache=str(out / "features"), batch_size=plan.batch_size, mixed_precision="no",
+            log_every=max(1, min(25, steps // 4)), seed=seed, weight_decay=0.05, max_steps=steps, save_every=steps,
+            warmup_steps=max(1, steps // 20), warmup_lr=1e-5, min_lr=1e-4, tokenizer=str(tokenizer_dir),
+            qformer_preset="tiny", vision=vision,
+        )  # fmt: skip
+
+    def stage1_settings(output_dir: Path, steps: int) -> Stage1Settings:
+        return Stage1Settings(output_dir=str(output_dir), train_data=str(data / "train.json"), bert=None,
+                              qformer=qformer, lr=1e-3, **common(steps))  # fmt: skip
+
+    def stage2_settings(output_dir: Path, stage1: str | None, steps: int) -> Stage2Settings:
+        return Stage2Settings(
+            output_dir=str(output_dir), train_data=str(stage2_data), llm=backbones["llm_dir"], stage1=stage1,
+            qformer=qformer if stage1 is None else {}, lr=2e-3, prompt=CAPTION_PROMPT, vqa_template=VQA_TEMPLATE,
+            **common(steps),
+        )  # fmt: skip
+
+    # `--minutes`: time a few steps of each stage on this machine, then give stage 1, stage 2 and
+    # the ablation as many steps (in the default plan's proportions) as the time left allows, less
+    # a share kept for evaluation
+    calibration: dict[str, float] = {}
+    if minutes is not None:
+        with clock.phase("calibration"):
+            probe = out / "calibration"
+            calibration["stage1_s_per_step"] = _seconds_per_step(Stage1Recipe(stage1_settings(probe / "s1", 6)))
+            calibration["stage2_s_per_step"] = _seconds_per_step(Stage2Recipe(stage2_settings(probe / "s2", None, 6)))
+            shutil.rmtree(probe, ignore_errors=True)
+        left = minutes * 60 - (time.perf_counter() - started)
+        calibration["scale"] = round(minutes_scale(left, plan, calibration["stage1_s_per_step"],
+                                                   calibration["stage2_s_per_step"]), 3)  # fmt: skip
+        plan = plan.scaled(calibration["scale"])
+        print(f"--minutes {minutes}: {left:.0f} s left, steps scaled x{calibration['scale']:.2f} "
+              f"(stage 1 {plan.stage1_steps}, stage 2 {plan.stage2_steps})", flush=True)  # fmt: skip
+
     # step 4: stage 1 (ITC + ITM + ITG) on the cached tokens
     with clock.phase("stage 1"):
-        s1 = Stage1Settings(
-            output_dir=str(out / "stage1"), vision=vision, bert=None, tokenizer=str(tokenizer_dir),
-            qformer_preset="tiny", qformer=qformer, max_steps=plan.stage1_steps, save_every=plan.stage1_steps,
-            lr=1e-3, min_lr=1e-4, warmup_lr=1e-5, warmup_steps=max(1, plan.stage1_steps // 20), **common,
-        )  # fmt: skip
-        _run(Stage1Recipe(s1))
+        _run(Stage1Recipe(stage1_settings(out / "stage1", plan.stage1_steps)))
 
     # step 5: stage 2 from the stage-1 Q-Former, and the ablation from a fresh one, same budget
     def stage2(name: str, stage1: str | None) -> Path:
-        s2 = Stage2Settings(
-            output_dir=str(out / name), llm=backbones["llm_dir"], stage1=stage1, vision=vision,
-            **{**common, "train_data": str(stage2_data)},
-            tokenizer=str(tokenizer_dir), qformer_preset="tiny", qformer=qformer if stage1 is None else {},
-            max_steps=plan.stage2_steps, save_every=plan.stage2_steps, lr=2e-3, min_lr=1e-4, warmup_lr=1e-5,
-            warmup_steps=max(1, plan.stage2_steps // 20), prompt=CAPTION_PROMPT, vqa_template=VQA_TEMPLATE,
-        )  # fmt: skip
-        _run(Stage2Recipe(s2))
+        _run(Stage2Recipe(stage2_settings(out / name, stage1, plan.stage2_steps)))
         return out / name / "model"
 
     with clock.phase("stage 2"):
@@ -217,6 +236,8 @@ def run_demo(
     from qformer import evaluate
 
     metrics: dict[str, Any] = {"world": world, "llm": llm, "plan": plan.__dict__}
+    if calibration:
+        metrics["calibration"] = calibration
     with clock.phase("evaluation"):
         test = data / "test.json"
         retrieval = evaluate.evaluate_retrieval(out / "stage1" / "model", test, k_test=plan.k_test)
@@ -248,10 +269,39 @@ def run_demo(
     return metrics
 
 
-def _default_training_seconds() -> float:
-    # stage 1 + stage 2 + ablation + evaluation of the default plan, measured on the 2-core CPU
-    # (simple world: 180 + 105 + 101 + 50 s); `--minutes` scales the steps by the time left over this
-    return 440.0
+# `--minutes`: the share of the time left after the backbones kept for evaluation and the report
+# (measured: about 12% of the default plan's training time on the simple world, more on the full)
+EVALUATION_SHARE = 0.15
+
+
+def minutes_scale(left: float, plan: DemoPlan, stage1_s_per_step: float, stage2_s_per_step: float) -> float:
+    """The factor on `plan`'s steps that fits stage 1, stage 2 and the ablation (as many steps as
+    stage 2) into `left` seconds less the evaluation's share; at least 0.1."""
+    training = left - max(60.0, EVALUATION_SHARE * left)
+    cost = plan.stage1_steps * stage1_s_per_step + 2 * plan.stage2_steps * stage2_s_per_step
+    return max(0.1, training / cost)
+
+
+def _seconds_per_step(recipe, warmup: int = 2) -> float:
+    """Train `recipe` (a few steps) and return its seconds per step after the first `warmup`."""
+    recipe.setup()
+    marks: list[float] = []
+    optimizer_step = recipe.optimizer.step
+
+    def timed_step(*args, **kwargs):
+        out = optimizer_step(*args, **kwargs)
+        marks.append(time.perf_counter())
+        return out
+
+    recipe.optimizer.step = timed_step
+    try:
+        recipe.train()
+    finally:
+        recipe.optimizer.step = optimizer_step
+        recipe.cleanup()
+    if len(marks) <= warmup:
+        raise RuntimeError(f"calibration ran {len(marks)} steps, need more than {warmup}")
+    return (marks[-1] - marks[warmup - 1]) / (len(marks) - warmup)
 
 
 def _run(recipe) -> None:

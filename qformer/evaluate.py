@@ -172,7 +172,9 @@ def evaluate_captions(
 
 
 def evaluate_vqa(checkpoint: str | Path, data: str | Path, *, batch_size: int = 32, num_beams: int = 5) -> dict[str, Any]:
-    """VQAv2 accuracy of zero-shot answers ("Question: {} Short answer:") on the records' `qa`."""
+    """VQAv2 accuracy of the model's answers to the records' `qa` questions, each asked in the
+    checkpoint's `vqa_template` (BLIP-2's default "Question: {} Short answer:"); per question type
+    too when the pairs carry a `type`."""
     from qformer.eval.metrics import vqa_accuracy
 
     model = load_stage2(checkpoint)

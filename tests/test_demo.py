@@ -23,12 +23,27 @@ def test_the_world_tokenizer_knows_every_word_of_the_world(tmp_path):
     assert tok.bos_token == "[DEC]"
 
 
+def test_minutes_scale_fits_the_three_trainings_into_the_time_left():
+    from qformer.demo import DemoPlan, minutes_scale
+
+    plan = DemoPlan(stage1_steps=100, stage2_steps=50)
+    # 1000 s left, 15% (150 s) kept for evaluation: 850 s for 100 x 0.5 s + 2 x 50 x 0.3 s = 80 s of steps
+    assert minutes_scale(1000.0, plan, 0.5, 0.3) == pytest.approx(850 / 80)
+    # little time left: at least 60 s is kept for evaluation, and the floor is 0.1
+    assert minutes_scale(100.0, plan, 0.5, 0.3) == pytest.approx(40 / 80)
+    assert minutes_scale(30.0, plan, 0.5, 0.3) == 0.1
+
+
 @pytest.mark.slow
 def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("QFORMER_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--fast"]) == 0
+    # --minutes 0.5 leaves no time for training after the calibration: the floor of 10 steps
+    assert main(["demo", "--out", str(out), "--fast", "--minutes", "0.5"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["calibration"]["stage1_s_per_step"] > 0 and metrics["calibration"]["stage2_s_per_step"] > 0
+    assert metrics["calibration"]["scale"] == 0.1 and metrics["plan"]["stage1_steps"] == 10
+    assert not (out / "calibration").exists()
     for scores in (metrics["retrieval"]["itc"], metrics["retrieval"]["itm"]):
         assert {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"} <= set(scores)
     assert {"bleu4", "cider", "exact_match"} <= set(metrics["caption"])
