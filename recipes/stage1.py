@@ -281,6 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     recipe.setup()
     recipe.train()
     recipe.cleanup()
+    recipe.acc.end_training()  # destroys the process group (if any) before interpreter exit tears it down
     return 0
 
 
