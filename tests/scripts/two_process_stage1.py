@@ -44,8 +44,8 @@ def main() -> None:
         grads = {f"grad.{n}": p.grad for n, p in acc.unwrap_model(model).named_parameters() if p.grad is not None}
         save_file({**{f"loss.{k}": v.reshape(1) for k, v in mean.items()}, **grads}, out)
     acc.wait_for_everyone()
-    # tear the gloo group down before the interpreter does: left to exit, one rank in ~30 runs
-    # aborted ("terminate called without an active exception") and failed the test
+    # tear the gloo group down before the interpreter does: left to exit, a rank once aborted
+    # at exit ("terminate called without an active exception") and failed the test
     acc.end_training()
 
 
