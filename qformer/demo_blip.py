@@ -350,6 +350,7 @@ def _pretrain(
     output_dir: Path, train: Path, plan: BlipDemoPlan, vision: dict, tokenizer: Path, *, seed: int, share: bool = True
 ) -> Path:
     from recipes.blip import BlipRecipe, BlipSettings
+    from recipes.common import run as run_recipe
 
     s = BlipSettings(
         recipe="blip_pretrain", output_dir=str(output_dir), train_data=str(train), vision=vision,
@@ -362,12 +363,13 @@ def _pretrain(
         lr=plan.lr, min_lr=plan.lr / 10, warmup_lr=1e-5, warmup_steps=max(1, plan.pretrain_steps // 20),
         **_common(plan, seed, plan.pretrain_steps),
     )  # fmt: skip
-    _run(BlipRecipe(s))
+    run_recipe(BlipRecipe(s))
     return output_dir / "model"
 
 
 def _finetune(output_dir: Path, recipe: str, init_from: Path, train: Path, plan: BlipDemoPlan, *, seed: int) -> Path:
     from recipes.blip import BlipRecipe, BlipSettings
+    from recipes.common import run as run_recipe
 
     # the caption prompt of BLIP's fine-tuning; the filter keeps the pre-training queue size
     blip = {"prompt": "a picture of "} if recipe == "blip_caption" else {}
@@ -376,14 +378,8 @@ def _finetune(output_dir: Path, recipe: str, init_from: Path, train: Path, plan:
         use_image_ids=recipe == "blip_retrieval", lr=plan.lr, min_lr=plan.lr / 10, warmup_lr=plan.lr,
         warmup_steps=0, **_common(plan, seed, plan.finetune_steps),
     )  # fmt: skip
-    _run(BlipRecipe(s))
+    run_recipe(BlipRecipe(s))
     return output_dir / "model"
-
-
-def _run(recipe) -> None:
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
 
 
 def _captions(model_dir: Path, data: Path, plan: BlipDemoPlan) -> dict[str, float]:

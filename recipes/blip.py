@@ -33,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from recipes import common
-from recipes.config import ConfigError, differences, load_config, to_dict
+from recipes.config import ConfigError, differences, to_dict
 
 if TYPE_CHECKING:
     from qformer.blip import BlipModel
@@ -421,17 +421,7 @@ def full_batch(batch: dict[str, Any], size: int) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print("usage: qformer train CONFIG [key=value ...]", file=sys.stderr)
-        return 2
-    settings = load_config(BlipSettings, argv[0], argv[1:])
-    recipe = BlipRecipe(settings)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-    recipe.acc.end_training()  # destroys the process group (if any) before interpreter exit tears it down
-    return 0
+    return common.main(BlipSettings, BlipRecipe, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from bridges.lora import lora_problems
 from recipes import common
-from recipes.config import ConfigError, differences, load_config, to_dict
+from recipes.config import ConfigError, differences, to_dict
 
 # settings that may change between a run and its resumption
 RESUMABLE_CHANGES = ("output_dir", "resume_from", "max_steps", "save_every", "log_every", "num_workers", "keep_checkpoints")
@@ -323,17 +323,7 @@ class Stage2Recipe:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    if not argv:
-        print("usage: qformer train CONFIG [key=value ...]", file=sys.stderr)
-        return 2
-    settings = load_config(Stage2Settings, argv[0], argv[1:])
-    recipe = Stage2Recipe(settings)
-    recipe.setup()
-    recipe.train()
-    recipe.cleanup()
-    recipe.acc.end_training()  # destroys the process group (if any) before interpreter exit tears it down
-    return 0
+    return common.main(Stage2Settings, Stage2Recipe, sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
