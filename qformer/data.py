@@ -6,6 +6,9 @@ A pairs dataset (what `load_pairs` returns) has one row per (image, caption) pai
     image     absolute path of the image file (str)
     caption   the caption as the source wrote it (str; cleaning happens when a sample is built)
     image_id  int; the rows of one image share it (ITC soft targets, retrieval, the feature cache)
+    group_id  int; rows that describe the same content share it: the record's optional `group`
+              field (say, a scene or a near-duplicate cluster), else the image_id. Stage 1 treats
+              the rows of a group as positives of each other: ITC targets, never ITM negatives
     row       the record's 0-based index in the source file, so that errors can point at it
     question  "" for a caption; for a question-answer record ({"image", "question", "answer"},
               VQAv2's list of answers accepted) the question, and `caption` holds the answer
@@ -64,6 +67,7 @@ PAIRS_FEATURES = datasets.Features(
         "image": datasets.Value("string"),
         "caption": datasets.Value("string"),
         "image_id": datasets.Value("int64"),
+        "group_id": datasets.Value("int64"),
         "row": datasets.Value("int64"),
         "question": datasets.Value("string"),  # "" for a caption; else the caption is its answer
     }
@@ -299,6 +303,17 @@ def _id_field(record: Mapping) -> Any:
     return None if value == "" else value  # an empty CSV cell is no id
 
 
+def _group_field(record: Mapping) -> Any:
+    value = record.get("group")
+    return None if value in ("", None) else value
+
+
+def _group_ids(groups: list[Any], image_ids: list[int]) -> list[int]:
+    """Per row: a stable id of the record's `group` field, or its image_id when it has none. A
+    group id is a 63-bit hash, so it never collides with the small image ids by accident."""
+    return [image_id if group is None else _stable_id(f"group:{group}") for group, image_id in zip(groups, image_ids)]
+
+
 def _as_int(value: Any) -> int | None:
     if isinstance(value, bool):
         return None
@@ -334,6 +349,7 @@ def load_pairs(
 
     image_id: the records' `image_id` field when every record has one (integers, or strings that
     are then numbered by first appearance), else numbered by first appearance of the image path.
+    group_id: a stable id of the records' `group` field where they have one, else the image_id.
     """
     src, filter_split = _resolve_source(source, image_root, split)
     wanted = _split_filter(split) if filter_split and split is not None else None
@@ -343,6 +359,7 @@ def load_pairs(
     rows: list[int] = []
     questions: list[str] = []
     id_fields: list[Any] = []  # per output row: the record's image_id field (None when absent)
+    groups: list[Any] = []  # per output row: the record's group field (None when absent)
     splits_seen: set[str] = set()
     num_records = 0
     for row, record in _read_records(src.file, src.fmt):
@@ -354,12 +371,13 @@ def load_pairs(
             if record_split not in wanted:
                 continue
         image, texts, question = _parse_record(record, row, src)
-        id_field = _id_field(record)
+        id_field, group = _id_field(record), _group_field(record)
         for text in texts:
             images.append(image)
             captions.append(text)
             rows.append(row)
             id_fields.append(id_field)
+            groups.append(group)
             questions.append(question)
 
     if num_records == 0:
@@ -372,7 +390,8 @@ def load_pairs(
     image_ids = _assign_image_ids(images, rows, id_fields, src.file)
     description = {**src.description, "num_records": num_records}
     info = datasets.DatasetInfo(description=json.dumps(description), features=PAIRS_FEATURES)
-    columns = {"image": images, "caption": captions, "image_id": image_ids, "row": rows, "question": questions}
+    columns = {"image": images, "caption": captions, "image_id": image_ids, "group_id": _group_ids(groups, image_ids),
+               "row": rows, "question": questions}  # fmt: skip
     return datasets.Dataset.from_dict(columns, info=info)
 
 
@@ -449,8 +468,10 @@ def _stream_rows(sources: list[_Source], wanted: list[str] | None) -> Iterator[d
             image_id = _as_int(id_field)
             if image_id is None:
                 image_id = _stable_id(str(id_field) if id_field is not None else image)
+            group_id = _group_ids([_group_field(record)], [image_id])[0]
             for text in texts:
-                yield {"image": image, "caption": text, "image_id": image_id, "row": row, "question": question}
+                yield {"image": image, "caption": text, "image_id": image_id, "group_id": group_id, "row": row,
+                       "question": question}  # fmt: skip
         if num_records == 0:
             raise ValueError(f"{src.file} is empty: it has no records (expected an image path and a caption per record).")
 
@@ -509,7 +530,7 @@ def usable_caption(raw: str, *, clean: bool, max_words: int) -> str | None:
 
 
 class ImageTextDataset(torch.utils.data.Dataset):
-    """Pairs -> samples {pixel_values (3, S, S), caption (cleaned), image_id, index, question}.
+    """Pairs -> samples {pixel_values (3, S, S), caption (cleaned), image_id, group_id, index, question}.
 
     `transform` maps a PIL image to a tensor: `bridge.train_transform()` for training,
     `bridge.eval_transform()` for evaluation. Images are decoded with `load_image` and the
@@ -553,6 +574,7 @@ class ImageTextDataset(torch.utils.data.Dataset):
             "pixel_values": self.transform(image),  # (3, S, S)
             "caption": caption,
             "image_id": int(record["image_id"]),
+            "group_id": group_id(record),
             "index": int(index),
             "question": record.get("question") or "",
         }
@@ -565,11 +587,17 @@ class ImageTextDataset(torch.utils.data.Dataset):
         return collate(batch)
 
 
+def group_id(record: Mapping[str, Any]) -> int:
+    """A pairs row's group id; its image_id for pairs built without the column."""
+    value = record.get("group_id")
+    return int(record["image_id"] if value is None else value)
+
+
 def collate(batch: Sequence[Mapping[str, Any] | SkippedSample | None]) -> dict[str, Any]:
     """DataLoader `collate_fn` for `ImageTextDataset` and `CachedPairsDataset` samples.
 
     Tensors are stacked (pixel_values (b, 3, S, S) or image_tokens (b, n, d)), ints become a long
-    tensor (image_id (b,), index (b,)), strings a list (caption). Skipped samples are dropped and
+    tensor (image_id (b,), group_id (b,), index (b,)), strings a list (caption). Skipped samples are dropped and
     listed under "skipped" (a list of SkippedSample), so b may be smaller than the batch size; when
     every sample was skipped the batch holds only empty caption/image_id/index and "skipped".
     A bare None (a dataset that skips without saying why) is listed with an unknown reason.
@@ -582,7 +610,8 @@ def collate(batch: Sequence[Mapping[str, Any] | SkippedSample | None]) -> dict[s
     ]
     out: dict[str, Any] = {}
     if not samples:
-        out.update(caption=[], image_id=torch.empty(0, dtype=torch.long), index=torch.empty(0, dtype=torch.long))
+        empty = torch.empty(0, dtype=torch.long)
+        out.update(caption=[], image_id=empty, group_id=empty.clone(), index=empty.clone())
     for key in samples[0] if samples else ():
         values = [sample[key] for sample in samples]
         if isinstance(values[0], Tensor):

@@ -219,19 +219,30 @@ def run_demo(
         print(f"--minutes {minutes}: {left:.0f} s left, steps scaled x{calibration['scale']:.2f} "
               f"(stage 1 {plan.stage1_steps}, stage 2 {plan.stage2_steps})", flush=True)  # fmt: skip
 
-    # step 4: stage 1 (ITC + ITM + ITG) on the cached tokens
-    with clock.phase("stage 1"):
-        run_recipe(Stage1Recipe(stage1_settings(out / "stage1", plan.stage1_steps)))
+    # step 4: stage 1 (ITC + ITM + ITG) on the cached tokens, and beside it (it needs no stage 1)
+    # the ablation: stage 2 from a fresh Q-Former, with the budget of step 5
+    from qformer.side_job import SideJob, worth_it
 
-    # step 5: stage 2 from the stage-1 Q-Former, and the ablation from a fresh one, same budget
-    def stage2(name: str, stage1: str | None) -> Path:
-        run_recipe(Stage2Recipe(stage2_settings(out / name, stage1, plan.stage2_steps)))
-        return out / name / "model"
+    ablation_settings = stage2_settings(out / "stage2_without_stage1", None, plan.stage2_steps)
+    ablation_model = out / "stage2_without_stage1" / "model"
+    stage1_recipe = Stage1Recipe(stage1_settings(out / "stage1", plan.stage1_steps))
+    if worth_it() and not fast:
+        log = out / "stage2_without_stage1.log"
+        print(f"(the ablation, stage 2 without stage 1, trains beside stage 1 in a second process; log: {log})")
+        with clock.phase("stage 1"), SideJob(train_stage2, ablation_settings, log=log) as side:
+            _on_every_step(stage1_recipe, side.share)
+            run_recipe(stage1_recipe)
+        clock.seconds["ablation: stage 2 without stage 1 (beside stage 1)"] = round(side.result(), 1)
+    else:
+        with clock.phase("stage 1"):
+            run_recipe(stage1_recipe)
+        with clock.phase("ablation: stage 2 without stage 1"):
+            train_stage2(ablation_settings)
 
+    # step 5: stage 2 from the stage-1 Q-Former
     with clock.phase("stage 2"):
-        stage2_model = stage2("stage2", str(out / "stage1" / "model"))
-    with clock.phase("ablation: stage 2 without stage 1"):
-        ablation_model = stage2("stage2_without_stage1", None)
+        train_stage2(stage2_settings(out / "stage2", str(out / "stage1" / "model"), plan.stage2_steps))
+    stage2_model = out / "stage2" / "model"
 
     # step 6: evaluation on held-out images, and on the compositional split
     from qformer import evaluate
@@ -282,6 +293,34 @@ def minutes_scale(left: float, plan: DemoPlan, stage1_s_per_step: float, stage2_
     training = left - max(60.0, EVALUATION_SHARE * left)
     cost = plan.stage1_steps * stage1_s_per_step + 2 * plan.stage2_steps * stage2_s_per_step
     return max(0.1, training / cost)
+
+
+def train_stage2(settings: Any) -> float:
+    """Run the stage-2 recipe with `settings`; its seconds (module-level: a SideJob runs it)."""
+    from recipes.common import run
+    from recipes.stage2 import Stage2Recipe
+
+    start = time.perf_counter()
+    run(Stage2Recipe(settings))
+    return time.perf_counter() - start
+
+
+def _on_every_step(recipe, fn) -> None:
+    """Call `fn()` after every optimizer step of `recipe` (once it is set up)."""
+    setup = recipe.setup
+
+    def setup_then_wrap():
+        setup()
+        optimizer_step = recipe.optimizer.step
+
+        def step(*args, **kwargs):
+            out = optimizer_step(*args, **kwargs)
+            fn()
+            return out
+
+        recipe.optimizer.step = step
+
+    recipe.setup = setup_then_wrap
 
 
 def _seconds_per_step(recipe, warmup: int = 2) -> float:

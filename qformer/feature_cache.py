@@ -45,6 +45,7 @@ from qformer.data import (
     bad_sample,
     check_policy,
     collate,
+    group_id,
     pairs_source,
     source_label,
     usable_caption,
@@ -406,7 +407,7 @@ class FeatureCache:
 
 
 class CachedPairsDataset(torch.utils.data.Dataset):
-    """Pairs -> samples {image_tokens (n, d), caption (cleaned), image_id, index, question}, the tokens read
+    """Pairs -> samples {image_tokens (n, d), caption (cleaned), image_id, group_id, index, question}, the tokens read
     from a `FeatureCache`; the same conventions as `ImageTextDataset` (use `qformer.data.collate`),
     so a recipe switches between live and cached images by config.
 
@@ -486,6 +487,7 @@ class CachedPairsDataset(torch.utils.data.Dataset):
             "image_tokens": self.cache.tokens([image_id])[0],  # (n, d)
             "caption": caption,
             "image_id": image_id,
+            "group_id": group_id(record),
             "index": int(index),
             "question": record.get("question") or "",
         }

@@ -83,8 +83,8 @@ class BlipSettings(common.TrainSettings):
     max_text_len: int = 30  # BLIP: 30 tokens in pre-training, 35 in retrieval fine-tuning
     # alpha's ramp length in steps; null: one epoch (blip_pretrain) or two (blip_retrieval)
     alpha_ramp_steps: int | None = None
-    # captions of the same image are positives for ITC and never ITM negatives (BLIP's retrieval
-    # fine-tuning; its pre-training treats every pair on its own)
+    # captions of the same image (or of records with the same `group`) are positives for ITC and
+    # never ITM negatives (BLIP's retrieval fine-tuning; its pre-training treats every pair on its own)
     use_image_ids: bool = False
     # Random resized crop and horizontal flip, as BLIP trains; false: the eval transform (for data
     # whose captions name positions, which a flip or a crop would make false).
@@ -322,7 +322,7 @@ class BlipRecipe:
         s, acc = self.s, self.acc
         model = acc.unwrap_model(self.model)
         input_ids, attention_mask = model.tokenize(batch["caption"], max_length=s.max_text_len)
-        image_ids = batch["image_id"].to(acc.device) if s.use_image_ids else None
+        image_ids = batch.get("group_id", batch["image_id"]).to(acc.device) if s.use_image_ids else None
         with acc.autocast():
             return self.model(
                 batch["pixel_values"].to(acc.device), input_ids, attention_mask,

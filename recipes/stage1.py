@@ -46,7 +46,8 @@ class Stage1Settings(common.TrainSettings):
     max_text_len: int = 32
     itm_negatives: Literal["sample", "hardest"] = "sample"
     itc_gather_grad: bool = False  # the original gathers ITC features without gradient
-    use_image_ids: bool = True  # captions of the same image are not each other's negatives
+    # captions of the same image, or of records with the same `group`, are not each other's negatives
+    use_image_ids: bool = True
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -231,7 +232,7 @@ class Stage1Recipe:
         text = self.tokenizer(
             batch["caption"], padding="longest", truncation=True, max_length=s.max_text_len, return_tensors="pt"
         ).to(acc.device)
-        image_ids = batch["image_id"].to(acc.device) if s.use_image_ids else None
+        image_ids = batch.get("group_id", batch["image_id"]).to(acc.device) if s.use_image_ids else None
         with acc.autocast():
             return self.model(tokens, text.input_ids, text.attention_mask, image_ids=image_ids)
 

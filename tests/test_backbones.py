@@ -67,9 +67,9 @@ def test_ensure_backbones_loads_through_bridges_and_reuses_cache(tmp_path, monke
     assert config["vision_cfg"]["no_ln_pre"] is True
 
     vision = VisionBridge.from_open_clip(paths["vit_name"], paths["vit_weights"])
-    assert vision.image_size == 64
-    tokens = vision(torch.zeros(2, 3, 64, 64))
-    assert tokens.shape == (2, 1 + (64 // 8) ** 2, config["vision_cfg"]["width"])
+    assert vision.image_size == 63  # one 21x21 patch per cell of the world's 3x3 layout
+    tokens = vision(torch.zeros(2, 3, 63, 63))
+    assert tokens.shape == (2, 1 + 3 * 3, config["vision_cfg"]["width"])
 
     language = LanguageBridge.from_pretrained(paths["llm_dir"])
     assert language.end_of_text == "newline"
@@ -88,8 +88,13 @@ def test_ensure_backbones_loads_through_bridges_and_reuses_cache(tmp_path, monke
     assert backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True) == paths
 
 
-def test_ensure_backbones_t5(tmp_path):
-    paths = backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True, llm="t5")
+def test_ensure_backbones_t5_trained_side_by_side(tmp_path):
+    """The LM trains in a second process (one thread) beside the ViT; this process gets its
+    threads back afterwards."""
+    threads = torch.get_num_threads()
+    paths = backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True, llm="t5", side_by_side=True)
+    assert torch.get_num_threads() == threads
+    assert json.loads((Path(paths["llm_dir"]) / "settings.txt").read_text())["kind"] == "t5"
     language = LanguageBridge.from_pretrained(paths["llm_dir"])
     assert language.end_of_text == "eos" and language.is_encoder_decoder
     # the ViT is keyed apart from the LM: the OPT variant reuses it

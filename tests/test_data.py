@@ -98,7 +98,8 @@ def expected(root: Path):
 def test_json_list(tmp_path):
     pairs = load_pairs(write_json(tmp_path / "ann.json", RECORDS))
     assert as_rows(pairs) == expected(tmp_path)
-    assert pairs.column_names == ["image", "caption", "image_id", "row", "question"]
+    assert pairs.column_names == ["image", "caption", "image_id", "group_id", "row", "question"]
+    assert pairs["group_id"] == pairs["image_id"]  # no `group` field: each image is its own group
     assert pairs_source(pairs)["source"] == str(tmp_path / "ann.json")
 
 
@@ -423,6 +424,28 @@ def test_question_records_beside_captions_in_json_and_csv(tmp_path):
     assert pairs["caption"] == ["a red circle", "red"] and pairs["question"] == ["", "what colour?"]
     with pytest.raises(ValueError, match=r"row 0: a record with a `question` needs its answer"):
         load_pairs(write_json(tmp_path / "c.json", [{"image": "a.png", "question": "what?"}]))
+
+
+def test_records_of_one_group_share_a_group_id_in_every_reader(tmp_path):
+    """`group` marks records that describe the same content (one scene in two images): they share
+    a group id, stable across load_pairs, stream_pairs and the samples; without it, the image id."""
+    records = [
+        {"image": "a.png", "caption": "a red square", "group": "red square"},
+        {"image": "b.png", "caption": "a square, red", "group": "red square"},
+        {"image": "c.png", "caption": "a blue circle", "group": "blue circle"},
+        {"image": "d.png", "caption": "a green star"},
+    ]
+    for i, name in enumerate("abcd"):
+        Image.new("RGB", (8, 8), (i * 60, 0, 0)).save(tmp_path / f"{name}.png")
+    path = write_json(tmp_path / "g.json", records)
+    pairs = load_pairs(path)
+    groups = pairs["group_id"]
+    assert groups[0] == groups[1] != groups[2] and pairs["image_id"] == [0, 1, 2, 3]
+    assert groups[3] == 3 and len(set(groups)) == 3
+    streamed = list(stream_pairs(path))  # (its image ids are hashes of the paths)
+    assert [r["group_id"] for r in streamed[:3]] == groups[:3] and streamed[3]["group_id"] == streamed[3]["image_id"]
+    batch = collate([ImageTextDataset(pairs, lambda im: torch.zeros(3, 4, 4))[i] for i in range(4)])
+    assert batch["group_id"].tolist() == groups and batch["image_id"].tolist() == [0, 1, 2, 3]
 
 
 def test_stream_csv_and_bad_record(tmp_path):

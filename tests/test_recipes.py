@@ -123,6 +123,7 @@ def test_cached_features_give_the_live_loss(world, tmp_path):
     live = collate([ImageTextDataset(pairs, bridge.eval_transform())[i] for i in range(8)])
     cached = collate([CachedPairsDataset(pairs, FeatureCache(cache_dir))[i] for i in range(8)])
     assert live["caption"] == cached["caption"]
+    assert torch.equal(live["group_id"], cached["group_id"]) and torch.equal(live["image_id"], cached["image_id"])
     model = Stage1Model(QFormerConfig.from_name("tiny", vision_width=bridge.width, hidden_dropout=0.0,
                                                 attention_dropout=0.0), itm_negatives="hardest").eval()  # fmt: skip
     ids = torch.randint(1, 99, (8, 7), generator=torch.Generator().manual_seed(0))
@@ -143,6 +144,28 @@ def test_training_from_the_cache_runs(world, tmp_path):
     assert main([*base, f"feature_cache={cache_dir}"]) == 0
     first, last = first_and_last(tmp_path / "cached_run")
     assert last["step"] == 4 and all(torch.isfinite(torch.tensor(v)) for v in last.values())
+
+
+def test_stage1_takes_the_records_groups_as_positives(world, tmp_path, monkeypatch):
+    """The world's records of one scene share a `group`: the recipe hands the model group ids, not
+    image ids, so two images of one scene are never each other's ITC or ITM negatives."""
+    from qformer import Stage1Model
+    from qformer.data import load_pairs
+
+    seen: list[torch.Tensor] = []
+    forward = Stage1Model.forward
+
+    def spy(self, *args, image_ids=None, **kwargs):
+        seen.append(image_ids.clone())
+        return forward(self, *args, image_ids=image_ids, **kwargs)
+
+    monkeypatch.setattr(Stage1Model, "forward", spy)
+    assert main(stage1_args(world, tmp_path / "run", "max_steps=2", "log_every=1")) == 0
+    pairs = load_pairs(world["train"])
+    groups, images = set(pairs["group_id"]), set(pairs["image_id"])
+    assert len(groups) < len(images)  # some scenes repeat in 64 images
+    assert len(seen) == 2 and all(set(ids.tolist()) <= groups for ids in seen)
+    assert not any(set(ids.tolist()) & images for ids in seen)
 
 
 # ------------------------------------------------------------------------------ configs

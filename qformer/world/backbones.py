@@ -32,7 +32,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -110,7 +110,10 @@ def world_tokenizer(texts: Iterable[str], kind: LMKind) -> PreTrainedTokenizerFa
 
 
 def _set_threads() -> None:
-    torch.set_num_threads(max(1, min(os.cpu_count() or 1, 16)))
+    """All cores (at most 16), unless OMP_NUM_THREADS names a count: the demo trains the ViT and
+    the LM side by side in two processes of one thread each."""
+    wanted = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else max(1, min(os.cpu_count() or 1, 16)))
 
 
 def _progress(step: int, steps: int, start: float, budget: float | None) -> float:
@@ -234,11 +237,13 @@ def train_world_vit(
     time_budget_s: float | None = None,
     log_every: int = 50,
     model_name: str | None = None,
+    on_step: Callable[[], None] | None = None,
 ) -> tuple[str, str]:
     """Train a tiny open_clip CLIP on the (image, caption) pairs of the world in `world_dir` and
     save it to `out_dir` as `<name>.json` (the open_clip config, registered) and
     `<name>.safetensors` (the whole CLIP state dict). Returns (model_name, weights_path), the
-    arguments of `VisionBridge.from_open_clip`."""
+    arguments of `VisionBridge.from_open_clip`. `on_step` is called before every step (the demo
+    hands this process its threads back there once the LM trained beside it is done)."""
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
 
@@ -286,6 +291,8 @@ def train_world_vit(
         progress = _progress(step, steps, start, time_budget_s)
         if progress >= 1.0:
             break
+        if on_step is not None:
+            on_step()
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(progress, lr)
         if cursor + batch_size > n:
@@ -589,18 +596,24 @@ def default_cache_dir() -> Path:
 
 
 def vit_settings(level: str, seed: int, fast: bool) -> dict[str, Any]:
+    # One patch per cell of the world's 3x3 layout: 63x63 images (the 64x64 renders, resized) in
+    # 21x21 patches, so every object lies (almost) whole inside one token.
+    layout = {"image_size": 63, "patch_size": 21}
     if fast:
         world = {"n_train": 64, "n_test": 16}
         train = {"steps": 2, "batch_size": 16, "width": 32, "layers": 2, "heads": 2, "embed_dim": 16,
-                 "text_width": 32, "text_layers": 1}  # fmt: skip
+                 "text_width": 32, "text_layers": 1, "context_length": 40, **layout}  # fmt: skip
     else:
         world = {"n_train": 10000, "n_test": 500}
-        # measured on this 10k-image world (zero-shot shape; retrieval R@1 i2t / t2i):
-        #   600 steps at lr 2e-3    0.47; 0.66 / 0.70
-        #   1200 steps at lr 1e-3   0.78; 0.87 / 0.90   (341 s on 2 cores)
-        #   2400 steps at lr 1e-3   0.94; 0.95 / 0.99   (twice the steps: about 680 s)
-        # shape is what the demo's captions and retrieval hinge on, so the longer schedule it is
-        train = {"steps": 2400, "batch_size": 128, "lr": 1e-3}
+        # measured on the simple world, 10k images (zero-shot shape; retrieval R@1 i2t / t2i;
+        # seconds on 2 cores):
+        #   64x64 in 8x8 patches, width 96, 2400 steps        0.94; 0.95 / 0.99   ~680 s
+        #   63x63 in 21x21 patches, width 128, 1500 steps     0.87; 0.92 / 0.95    150 s
+        #   the same, 3000 steps                              0.92; 0.96 / 0.98    330 s
+        #   the same, captions cut to 16 words (simple world)  0.92; 0.94 / 0.98    246 s
+        # the captioning tower reads at most 12 words on the simple world, 32 on the full one
+        train = {"steps": 3000, "batch_size": 128, "lr": 1e-3, "width": 128, "heads": 4,
+                 "context_length": 16 if level == "simple" else 40, **layout}  # fmt: skip
     return {"what": "vit", "version": VERSION, "level": level, "seed": seed, "world": world, "train": train}
 
 
@@ -643,13 +656,18 @@ def ensure_backbones(
     llm: LMKind = "opt",
     fast: bool = False,
     num_queries: int = 8,
+    side_by_side: bool | None = None,
 ) -> dict[str, str]:
     """The frozen ViT and LM for `level`, trained on first use and cached under `cache_dir`
     (default `$QFORMER_CACHE` or ~/.cache/qformer/shapesworld), each keyed by a hash of its
     settings. Returns {"vit_name", "vit_weights", "vit_config", "llm_dir"}; the ViT config is
     registered with open_clip, so `VisionBridge.from_open_clip(vit_name, vit_weights)` and
     `LanguageBridge.from_pretrained(llm_dir)` load them. `fast=True`: tiny models, a few steps
-    (for tests)."""
+    (for tests). When both must be trained they train side by side, the LM in a second process
+    (`side_job.SideJob`); `side_by_side` forces that on or off (default: on with two cores or more,
+    and not with `fast`)."""
+    from qformer.side_job import SideJob, worth_it
+
     if level not in shapes.LEVELS:
         raise ValueError(f"`level` must be one of {shapes.LEVELS}, got {level!r}")
     if llm not in ("opt", "t5"):
@@ -659,31 +677,49 @@ def ensure_backbones(
     vs = vit_settings(level, seed, fast)
     vit_dir = cache / f"vit-{level}-{_key(vs)}"
     name = f"shapesworld-vit-{_key(vs)[:10]}"
-    if not (vit_dir / f"{name}.safetensors").exists():
-        def build_vit(tmp: Path) -> None:
-            _log(f"training the ShapesWorld ViT into {vit_dir}")
-            world = tmp / "world"
-            shapes.generate_world(world, level=level, seed=seed + 1000, n_compositional=0, **vs["world"])
-            train_world_vit(world, tmp, seed=seed, model_name=name, **vs["train"])
-            shutil.rmtree(world / "images")  # the world is cheap to regenerate; keep its JSON only
-            (tmp / "settings.txt").write_text(json.dumps(vs, indent=2) + "\n")
-
-        _build_atomically(vit_dir, build_vit)
-    config = vit_dir / f"{name}.json"
-    register_vit_config(config)
-
     ls = lm_settings(level, seed, llm, fast, num_queries)
     llm_dir = cache / f"llm-{llm}-{level}-{_key(ls)}"
-    if not (llm_dir / "config.json").exists():
-        def build_lm(tmp: Path) -> None:
-            _log(f"training the ShapesWorld {llm} LM into {llm_dir}")
-            train_world_lm(llm, level, tmp, seed=seed, **ls["train"])  # type: ignore[arg-type]
-            (tmp / "settings.txt").write_text(json.dumps(ls, indent=2) + "\n")
-
-        _build_atomically(llm_dir, build_lm)
+    need_vit = not (vit_dir / f"{name}.safetensors").exists()
+    need_lm = not (llm_dir / "config.json").exists()
+    if side_by_side is None:
+        side_by_side = worth_it() and not fast
+    if need_vit and need_lm and side_by_side:
+        _log("training the ViT and the LM side by side (the LM in a second process)")
+        with SideJob(_build_lm, llm_dir, ls, level, seed) as side:
+            _build_vit(vit_dir, name, vs, level, seed, on_step=side.share)
+        side.result()
+    else:
+        if need_vit:
+            _build_vit(vit_dir, name, vs, level, seed)
+        if need_lm:
+            _build_lm(llm_dir, ls, level, seed)
+    config = vit_dir / f"{name}.json"
+    register_vit_config(config)
     return {
         "vit_name": name,
         "vit_weights": str(vit_dir / f"{name}.safetensors"),
         "vit_config": str(config),
         "llm_dir": str(llm_dir),
     }
+
+
+def _build_vit(vit_dir: Path, name: str, vs: dict[str, Any], level: shapes.Level, seed: int,
+               on_step: Callable[[], None] | None = None) -> None:  # fmt: skip
+    def build(tmp: Path) -> None:
+        _log(f"training the ShapesWorld ViT into {vit_dir}")
+        world = tmp / "world"
+        shapes.generate_world(world, level=level, seed=seed + 1000, n_compositional=0, **vs["world"])
+        train_world_vit(world, tmp, seed=seed, model_name=name, on_step=on_step, **vs["train"])
+        shutil.rmtree(world / "images")  # the world is cheap to regenerate; keep its JSON only
+        (tmp / "settings.txt").write_text(json.dumps(vs, indent=2) + "\n")
+
+    _build_atomically(vit_dir, build)
+
+
+def _build_lm(llm_dir: Path, ls: dict[str, Any], level: shapes.Level, seed: int) -> None:
+    def build(tmp: Path) -> None:
+        _log(f"training the ShapesWorld {ls['kind']} LM into {llm_dir}")
+        train_world_lm(ls["kind"], level, tmp, seed=seed, **ls["train"])
+        (tmp / "settings.txt").write_text(json.dumps(ls, indent=2) + "\n")
+
+    _build_atomically(llm_dir, build)

@@ -544,6 +544,9 @@ def _make_item(
         "image_id": index,
         "scene": scene.to_json(),
         "scene_key": scene.key(),
+        # images of one scene fit each other's captions: stage 1 must not take them as negatives
+        # (a mismatched caption fits no other image, so it forms no group)
+        "group": None if noisy else scene.key(),
         "qa": make_qa(scene, rng, avoid=holdout),
         "noisy": noisy,
     }
