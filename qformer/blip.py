@@ -105,6 +105,9 @@ class BlipConfig:
     queue_size: int = 57600  # must be a multiple of the world batch
     alpha: float = 0.4  # momentum distillation weight after the ramp (see `alpha_ramp`)
     label_smoothing: float = 0.1  # LM loss only; BLIP's ITC and ITM use none
+    # weight of the match class in the ITM loss; 2.0 balances its one positive against two
+    # negatives (see `losses.itm_loss`); BLIP: 1.0
+    itm_positive_weight: float = 1.0
     # Put before every caption for the LM loss and generation, its tokens masked out of the loss
     # (BLIP's caption fine-tuning and CapFilt; its pre-training used none: set "" for that).
     prompt: str = "a picture of "
@@ -135,6 +138,8 @@ class BlipConfig:
         for name in ("hidden_dropout", "attention_dropout", "label_smoothing", "momentum"):
             if not 0.0 <= getattr(self, name) < 1.0:
                 p.append(f"`{name}` must be in [0, 1), got {getattr(self, name)!r}")
+        if not self.itm_positive_weight > 0:
+            p.append(f"`itm_positive_weight` must be positive, got {self.itm_positive_weight!r}")
         if not 0.0 <= self.alpha <= 1.0:
             p.append(f"`alpha` must be in [0, 1], got {self.alpha!r}")
         if not 0 < self.temp_min <= self.init_temp <= self.temp_max:
@@ -625,7 +630,8 @@ class BlipModel(nn.Module):
             itm_images = torch.cat([image, images_all[neg_image], image])  # (3b, n, d_v)
             itm_ids = torch.cat([ids, ids, ids_all[neg_text]])  # (3b, t)
             itm_mask = torch.cat([text_mask, text_mask, mask_all[neg_text]])
-            losses["itm"] = itm_loss(self._itm_logits(itm_images, itm_ids, itm_mask), num_positives=b)
+            losses["itm"] = itm_loss(self._itm_logits(itm_images, itm_ids, itm_mask), num_positives=b,
+                                     positive_weight=cfg.itm_positive_weight)  # fmt: skip
 
         if "lm" in objectives:
             # step 5: LM: [DEC] prompt caption, causal, cross-attending to the image

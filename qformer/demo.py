@@ -37,6 +37,7 @@ class DemoPlan:
     n_test: int = 500
     n_compositional: int = 200
     stage1_steps: int = 450
+    stage1_lr: float = 2e-3
     stage2_steps: int = 700
     batch_size: int = 64
     num_queries: int = 8
@@ -193,7 +194,7 @@ def run_demo(
 
     def stage1_settings(output_dir: Path, steps: int) -> Stage1Settings:
         return Stage1Settings(output_dir=str(output_dir), train_data=str(data / "train.json"), bert=None,
-                              qformer=qformer, lr=1e-3, **common(steps))  # fmt: skip
+                              qformer=qformer, lr=plan.stage1_lr, **common(steps))  # fmt: skip
 
     def stage2_settings(output_dir: Path, stage1: str | None, steps: int) -> Stage2Settings:
         return Stage2Settings(
@@ -205,6 +206,9 @@ def run_demo(
     # `--minutes`: time a few steps of each stage on this machine, then give stage 1, stage 2 and
     # the ablation as many steps (in the default plan's proportions) as the time left allows, less
     # a share kept for evaluation
+    from qformer.side_job import SideJob, worth_it
+
+    side_by_side = worth_it() and not fast
     calibration: dict[str, float] = {}
     if minutes is not None:
         with clock.phase("calibration"):
@@ -214,19 +218,17 @@ def run_demo(
             shutil.rmtree(probe, ignore_errors=True)
         left = minutes * 60 - (time.perf_counter() - started)
         calibration["scale"] = round(minutes_scale(left, plan, calibration["stage1_s_per_step"],
-                                                   calibration["stage2_s_per_step"]), 3)  # fmt: skip
+                                                   calibration["stage2_s_per_step"], side_by_side), 3)  # fmt: skip
         plan = plan.scaled(calibration["scale"])
         print(f"--minutes {minutes}: {left:.0f} s left, steps scaled x{calibration['scale']:.2f} "
               f"(stage 1 {plan.stage1_steps}, stage 2 {plan.stage2_steps})", flush=True)  # fmt: skip
 
     # step 4: stage 1 (ITC + ITM + ITG) on the cached tokens, and beside it (it needs no stage 1)
     # the ablation: stage 2 from a fresh Q-Former, with the budget of step 5
-    from qformer.side_job import SideJob, worth_it
-
     ablation_settings = stage2_settings(out / "stage2_without_stage1", None, plan.stage2_steps)
     ablation_model = out / "stage2_without_stage1" / "model"
     stage1_recipe = Stage1Recipe(stage1_settings(out / "stage1", plan.stage1_steps))
-    if worth_it() and not fast:
+    if side_by_side:
         log = out / "stage2_without_stage1.log"
         print(f"(the ablation, stage 2 without stage 1, trains beside stage 1 in a second process; log: {log})")
         with clock.phase("stage 1"), SideJob(train_stage2, ablation_settings, log=log) as side:
@@ -287,12 +289,25 @@ def run_demo(
 EVALUATION_SHARE = 0.15
 
 
-def minutes_scale(left: float, plan: DemoPlan, stage1_s_per_step: float, stage2_s_per_step: float) -> float:
+# Two one-thread processes side by side each run this much slower than one process on both cores
+# would (measured on 2 cores: a ViT step 0.113 s on one thread vs 0.082 s on two; a 450-step
+# stage 1 160 s beside another vs 113 s alone)
+SIDE_BY_SIDE_SLOWDOWN = 1.4
+
+
+def minutes_scale(left: float, plan: DemoPlan, stage1_s_per_step: float, stage2_s_per_step: float,
+                  side_by_side: bool = False) -> float:  # fmt: skip
     """The factor on `plan`'s steps that fits stage 1, stage 2 and the ablation (as many steps as
-    stage 2) into `left` seconds less the evaluation's share; at least 0.1."""
+    stage 2) into `left` seconds less the evaluation's share; at least 0.1. `side_by_side`: the
+    ablation trains beside stage 1, both slower by SIDE_BY_SIDE_SLOWDOWN while they overlap."""
     training = left - max(60.0, EVALUATION_SHARE * left)
-    cost = plan.stage1_steps * stage1_s_per_step + 2 * plan.stage2_steps * stage2_s_per_step
-    return max(0.1, training / cost)
+    stage1 = plan.stage1_steps * stage1_s_per_step
+    stage2 = plan.stage2_steps * stage2_s_per_step
+    if side_by_side:  # together until the shorter one ends, then the longer one alone at full speed
+        both = max(stage1, stage2) + (SIDE_BY_SIDE_SLOWDOWN - 1) * min(stage1, stage2)
+    else:
+        both = stage1 + stage2
+    return max(0.1, training / (both + stage2))
 
 
 def train_stage2(settings: Any) -> float:

@@ -287,7 +287,8 @@ def filter_scores(
 
 
 # Thresholds the demo also scores the filter at. ITM trains on one positive for two negatives per
-# image, so its match probability carries a 1:2 prior: even odds on balanced data sit at 1/3.
+# image: unweighted (BLIP), its match probability carries that 1:2 prior and even odds sit at 1/3;
+# the demo's filter weighs the positive twice (`itm_positive_weight`), which moves them to 1/2.
 SWEEP_THRESHOLDS: tuple[float, ...] = (0.1, 0.2, 1 / 3, 0.5, 0.7)
 
 
@@ -371,8 +372,10 @@ def _finetune(output_dir: Path, recipe: str, init_from: Path, train: Path, plan:
     from recipes.blip import BlipRecipe, BlipSettings
     from recipes.common import run as run_recipe
 
-    # the caption prompt of BLIP's fine-tuning; the filter keeps the pre-training queue size
-    blip = {"prompt": "a picture of "} if recipe == "blip_caption" else {}
+    # the caption prompt of BLIP's fine-tuning; the filter keeps the pre-training queue size and
+    # weighs ITM's one positive against its two negatives (BLIP does not), so that its match
+    # probability means even odds at CapFilt's threshold of 0.5
+    blip = {"prompt": "a picture of "} if recipe == "blip_caption" else {"itm_positive_weight": 2.0}
     s = BlipSettings(
         recipe=recipe, output_dir=str(output_dir), train_data=str(train), init_from=str(init_from), blip=blip,
         use_image_ids=recipe == "blip_retrieval", lr=plan.lr, min_lr=plan.lr / 10, warmup_lr=plan.lr,

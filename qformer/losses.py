@@ -172,12 +172,17 @@ def sample_itm_negatives(
     return pick(sim_i2t), pick(sim_t2i)
 
 
-def itm_loss(logits: Tensor, num_positives: int) -> Tensor:
+def itm_loss(logits: Tensor, num_positives: int, positive_weight: float = 1.0) -> Tensor:
     """logits (3b, 2) for pairs laid out [positives; negatives]: the first `num_positives` rows
-    are matches (label 1), the rest are not (label 0). Plain cross-entropy as in the original."""
+    are matches (label 1), the rest are not (label 0). Plain cross-entropy as in the original.
+
+    `positive_weight` weighs the match class (a weighted mean): with b positives and 2b negatives
+    a weight of 2 balances the two, so a match probability of 0.5 means even odds instead of
+    carrying the 1:2 prior of the batch layout (CapFilt thresholds that probability at 0.5)."""
     labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
     labels[:num_positives] = 1
-    return F.cross_entropy(logits.float(), labels)
+    weight = None if positive_weight == 1.0 else torch.tensor([1.0, positive_weight], device=logits.device)
+    return F.cross_entropy(logits.float(), labels, weight=weight)
 
 
 def itg_loss(logits: Tensor, labels: Tensor, *, label_smoothing: float = 0.1) -> Tensor:

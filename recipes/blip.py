@@ -59,7 +59,7 @@ RAMP_EPOCHS = {"blip_pretrain": 1, "blip_caption": 0, "blip_retrieval": 2}
 # BlipConfig fields a fine-tuning may change on a loaded checkpoint (the rest fix its architecture)
 TUNABLE_FIELDS = (
     "prompt", "queue_size", "momentum", "alpha", "label_smoothing", "hidden_dropout", "attention_dropout",
-    "temp_min", "temp_max",
+    "temp_min", "temp_max", "itm_positive_weight",
 )  # fmt: skip
 # settings that may change between a run and its resumption
 RESUMABLE_CHANGES = ("output_dir", "resume_from", "max_steps", "save_every", "log_every", "num_workers", "keep_checkpoints")

@@ -63,6 +63,17 @@ def test_itm_labels_first_third_positive():
     labels = [1, 0, 0]
     expected = sum(smoothed_ce(row, [float(c == y) for c in range(2)], 0.0) for row, y in zip(logits, labels)) / 3
     assert itm_loss(torch.tensor(logits), num_positives=1).item() == pytest.approx(expected, abs=1e-6)
+    # positive_weight 2: the match row counts twice in a weighted mean (weights 2, 1, 1)
+    terms = [smoothed_ce(row, [float(c == y) for c in range(2)], 0.0) for row, y in zip(logits, labels)]
+    weighted = (2 * terms[0] + terms[1] + terms[2]) / 4
+    assert itm_loss(torch.tensor(logits), num_positives=1, positive_weight=2.0).item() == pytest.approx(weighted, abs=1e-6)
+    # with balanced weights a constant score settles at even odds: the loss is least at p(match) = 1/2
+    grid = torch.linspace(-3, 3, 601)
+    rows = torch.stack([torch.zeros_like(grid), grid], 1)  # logit of "match" = grid
+    losses = [itm_loss(r.expand(3, 2).clone(), num_positives=1, positive_weight=2.0) for r in rows]
+    assert abs(grid[int(torch.stack(losses).argmin())].item()) < 0.011
+    plain = [itm_loss(r.expand(3, 2).clone(), num_positives=1) for r in rows]
+    assert grid[int(torch.stack(plain).argmin())].item() == pytest.approx(-0.693, abs=0.011)  # log(1/2): p = 1/3
 
 
 def test_hardest_negatives_skip_positives():
