@@ -24,7 +24,7 @@ import torch
 
 
 def _start(log: str | None) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"  # read by the world's trainers (backbones._set_threads)
+    os.environ["OMP_NUM_THREADS"] = "1"  # for any library that starts its own pool later
     torch.set_num_threads(1)
     if log is not None:  # its output (progress bars included) into a file, not across ours
         handle = open(log, "a", buffering=1)  # noqa: SIM115 (open for the process's lifetime)

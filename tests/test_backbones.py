@@ -88,12 +88,25 @@ def test_ensure_backbones_loads_through_bridges_and_reuses_cache(tmp_path, monke
     assert backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True) == paths
 
 
-def test_ensure_backbones_t5_trained_side_by_side(tmp_path):
-    """The LM trains in a second process (one thread) beside the ViT; this process gets its
-    threads back afterwards."""
-    threads = torch.get_num_threads()
+def test_ensure_backbones_t5_trained_side_by_side(tmp_path, monkeypatch):
+    """The LM trains in a second process (one thread) beside the ViT, which starts on one thread
+    (three threads on two cores ran the ViT ten times slower); this process gets its threads back
+    afterwards."""
+    threads_at_start: list[int] = []
+    train_vit = backbones.train_world_vit
+
+    def spy(*args, on_step, **kwargs):
+        def first_step():  # the thread count the first step runs with
+            if not threads_at_start:
+                threads_at_start.append(torch.get_num_threads())
+            on_step()
+
+        return train_vit(*args, on_step=first_step, **kwargs)
+
+    monkeypatch.setattr(backbones, "train_world_vit", spy)
+    torch.set_num_threads(2)
     paths = backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True, llm="t5", side_by_side=True)
-    assert torch.get_num_threads() == threads
+    assert threads_at_start == [1] and torch.get_num_threads() == 2
     assert json.loads((Path(paths["llm_dir"]) / "settings.txt").read_text())["kind"] == "t5"
     language = LanguageBridge.from_pretrained(paths["llm_dir"])
     assert language.end_of_text == "eos" and language.is_encoder_decoder

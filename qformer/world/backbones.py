@@ -109,13 +109,6 @@ def world_tokenizer(texts: Iterable[str], kind: LMKind) -> PreTrainedTokenizerFa
 # Helpers
 
 
-def _set_threads() -> None:
-    """All cores (at most 16), unless OMP_NUM_THREADS names a count: the demo trains the ViT and
-    the LM side by side in two processes of one thread each."""
-    wanted = os.environ.get("OMP_NUM_THREADS", "")
-    torch.set_num_threads(int(wanted) if wanted.isdigit() and int(wanted) > 0 else max(1, min(os.cpu_count() or 1, 16)))
-
-
 def _progress(step: int, steps: int, start: float, budget: float | None) -> float:
     """Fraction of training done: by steps, or by time when a budget runs out first."""
     p = step / steps
@@ -247,7 +240,6 @@ def train_world_vit(
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
 
-    _set_threads()
     world_dir, out_dir = Path(world_dir), Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     train = shapes.load_split(world_dir, "train")
@@ -486,7 +478,6 @@ def train_world_lm(
     OPT: BOS + "scene : ... . caption : <caption>" + "\\n", loss on the tokens after the scene slot
     ("\\n" is OPT's end of text in BLIP-2). T5: encoder "scene : ... . caption :" (or "... question
     : ... answer :"), decoder the caption / answer + EOS. Returns `out_dir`."""
-    _set_threads()
     # defaults measured on 2 CPU cores: OPT 1500 steps ~110 s, T5 1000 steps ~150 s
     steps = steps or DEFAULT_LM_STEPS[kind]
     out_dir = Path(out_dir)
