@@ -11,9 +11,11 @@ load them exactly as they would load a downloaded backbone:
 
 * The image encoder is an open_clip CLIP with a tiny ViT (no pre-LN, GELU, so transformers' BLIP-2
   vision layout can express it) and a tiny text tower, trained contrastively with open_clip's
-  `ClipLoss` on (image, caption) pairs of a world generated into the cache. Its position embedding
-  is initialised 8x larger than open_clip's default: with the default a tiny ViT trained for
-  minutes on plain backgrounds never learns where things are.
+  `ClipLoss` on (image, caption) pairs of a world generated into the cache. It reads 63x63 images
+  in 21x21 patches, one token per cell of the world's 3x3 layout, so each object sits (almost)
+  whole in one token. Its position embedding is initialised 8x larger than open_clip's default:
+  with the default a tiny ViT trained for minutes on plain backgrounds never learns where things
+  are.
 * The language model is a tiny OPT (or T5) trained on conditional texts ("scene : <attribute
   words, padded with a filler to `num_queries`> . caption : ..." and "... question : ... answer :
   ..."), loss only after the scene slot. A tiny LM trained on bare captions cannot be steered by a
