@@ -211,7 +211,7 @@ def run_demo(
     # a share kept for evaluation
     from qformer.side_job import SideJob, worth_it
 
-    side_by_side = worth_it() and not fast
+    side_by_side = worth_it(default=not fast)
     calibration: dict[str, float] = {}
     if minutes is not None:
         with clock.phase("calibration"):

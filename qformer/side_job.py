@@ -32,9 +32,13 @@ def _start(log: str | None) -> None:
         os.dup2(handle.fileno(), 2)
 
 
-def worth_it() -> bool:
-    """Whether side-by-side jobs pay here: at least two cores and no thread count pinned to one."""
-    return (os.cpu_count() or 1) >= 2 and os.environ.get("OMP_NUM_THREADS", "") != "1"
+def worth_it(default: bool = True) -> bool:
+    """Whether to run jobs side by side: `QFORMER_SIDE_BY_SIDE=1` or `0` decides; otherwise
+    `default`, and only with at least two cores and no thread count pinned to one."""
+    forced = os.environ.get("QFORMER_SIDE_BY_SIDE", "")
+    if forced in ("0", "1"):
+        return forced == "1"
+    return default and (os.cpu_count() or 1) >= 2 and os.environ.get("OMP_NUM_THREADS", "") != "1"
 
 
 class SideJob:

@@ -40,6 +40,8 @@ def test_minutes_scale_fits_the_three_trainings_into_the_time_left():
 @pytest.mark.slow
 def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("QFORMER_CACHE", str(tmp_path / "cache"))
+    # as on a real run: the LM beside the ViT, the ablation beside stage 1 (each in a second process)
+    monkeypatch.setenv("QFORMER_SIDE_BY_SIDE", "1")
     out = tmp_path / "demo"
     # --minutes 0.5 leaves no time for training after the calibration: the floor of 10 steps
     assert main(["demo", "--out", str(out), "--fast", "--minutes", "0.5"]) == 0
@@ -53,7 +55,9 @@ def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
     assert 0 <= metrics["vqa"]["accuracy"] <= 1
     assert "cider" in metrics["ablation"]["without_stage1"]["caption"]
     assert {"data", "backbones", "stage 1", "stage 2", "evaluation", "total"} <= set(metrics["seconds"])
-    for d in ("data", "stage1/model", "stage2/model"):
+    assert metrics["seconds"]["ablation: stage 2 without stage 1 (beside stage 1)"] > 0
+    assert "stage 2:" in (out / "stage2_without_stage1.log").read_text()  # its progress bar went to its log
+    for d in ("data", "stage1/model", "stage2/model", "stage2_without_stage1/model"):
         assert (out / d).is_dir()
     html = Path(out / "report.html").read_text()
     assert "<svg" in html and "query 0" in html

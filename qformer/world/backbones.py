@@ -657,8 +657,8 @@ def ensure_backbones(
     registered with open_clip, so `VisionBridge.from_open_clip(vit_name, vit_weights)` and
     `LanguageBridge.from_pretrained(llm_dir)` load them. `fast=True`: tiny models, a few steps
     (for tests). When both must be trained they train side by side, the LM in a second process
-    (`side_job.SideJob`); `side_by_side` forces that on or off (default: on with two cores or more,
-    and not with `fast`)."""
+    (`side_job.SideJob`); `side_by_side` forces that on or off (default: `side_job.worth_it`, off
+    with `fast`)."""
     from qformer.side_job import SideJob, worth_it
 
     if level not in shapes.LEVELS:
@@ -675,7 +675,7 @@ def ensure_backbones(
     need_vit = not (vit_dir / f"{name}.safetensors").exists()
     need_lm = not (llm_dir / "config.json").exists()
     if side_by_side is None:
-        side_by_side = worth_it() and not fast
+        side_by_side = worth_it(default=not fast)
     if need_vit and need_lm and side_by_side:
         _log("training the ViT and the LM side by side (the LM in a second process)")
         with SideJob(_build_lm, llm_dir, ls, level, seed) as side:
