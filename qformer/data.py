@@ -308,10 +308,10 @@ def _group_field(record: Mapping) -> Any:
     return None if value in ("", None) else value
 
 
-def _group_ids(groups: list[Any], image_ids: list[int]) -> list[int]:
-    """Per row: a stable id of the record's `group` field, or its image_id when it has none. A
-    group id is a 63-bit hash, so it never collides with the small image ids by accident."""
-    return [image_id if group is None else _stable_id(f"group:{group}") for group, image_id in zip(groups, image_ids)]
+def _group_id(group: Any, image_id: int) -> int:
+    """A stable id of a record's `group` field, or its image_id when it has none. A group id is a
+    63-bit hash, so it never collides with the small image ids by accident."""
+    return image_id if group is None else _stable_id(f"group:{group}")
 
 
 def _as_int(value: Any) -> int | None:
@@ -390,7 +390,7 @@ def load_pairs(
     image_ids = _assign_image_ids(images, rows, id_fields, src.file)
     description = {**src.description, "num_records": num_records}
     info = datasets.DatasetInfo(description=json.dumps(description), features=PAIRS_FEATURES)
-    columns = {"image": images, "caption": captions, "image_id": image_ids, "group_id": _group_ids(groups, image_ids),
+    columns = {"image": images, "caption": captions, "image_id": image_ids, "group_id": list(map(_group_id, groups, image_ids)),
                "row": rows, "question": questions}  # fmt: skip
     return datasets.Dataset.from_dict(columns, info=info)
 
@@ -468,7 +468,7 @@ def _stream_rows(sources: list[_Source], wanted: list[str] | None) -> Iterator[d
             image_id = _as_int(id_field)
             if image_id is None:
                 image_id = _stable_id(str(id_field) if id_field is not None else image)
-            group_id = _group_ids([_group_field(record)], [image_id])[0]
+            group_id = _group_id(_group_field(record), image_id)
             for text in texts:
                 yield {"image": image, "caption": text, "image_id": image_id, "group_id": group_id, "row": row,
                        "question": question}  # fmt: skip

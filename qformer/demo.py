@@ -294,7 +294,8 @@ EVALUATION_SHARE = 0.15
 
 # Two one-thread processes side by side each run this much slower than one process on both cores
 # would (measured on 2 cores: a ViT step 0.113 s on one thread vs 0.082 s on two; a 450-step
-# stage 1 160 s beside another vs 113 s alone)
+# stage 1 160 s beside another vs 113 s alone). On the full world the ablation beside stage 1
+# ran 1.6x slower (364 s for a calibrated 225 s): there the evaluation's share absorbed it.
 SIDE_BY_SIDE_SLOWDOWN = 1.4
 
 
@@ -343,21 +344,11 @@ def _on_every_step(recipe, fn) -> None:
 
 def _seconds_per_step(recipe, warmup: int = 2) -> float:
     """Train `recipe` (a few steps) and return its seconds per step after the first `warmup`."""
-    recipe.setup()
+    from recipes.common import run
+
     marks: list[float] = []
-    optimizer_step = recipe.optimizer.step
-
-    def timed_step(*args, **kwargs):
-        out = optimizer_step(*args, **kwargs)
-        marks.append(time.perf_counter())
-        return out
-
-    recipe.optimizer.step = timed_step
-    try:
-        recipe.train()
-    finally:
-        recipe.optimizer.step = optimizer_step
-        recipe.cleanup()
+    _on_every_step(recipe, lambda: marks.append(time.perf_counter()))
+    run(recipe)
     if len(marks) <= warmup:
         raise RuntimeError(f"calibration ran {len(marks)} steps, need more than {warmup}")
     return (marks[-1] - marks[warmup - 1]) / (len(marks) - warmup)

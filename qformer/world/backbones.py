@@ -603,8 +603,9 @@ def vit_settings(level: str, seed: int, fast: bool) -> dict[str, Any]:
         #   64x64 in 8x8 patches, width 96, 2400 steps        0.94; 0.95 / 0.99   ~680 s
         #   63x63 in 21x21 patches, width 128, 1500 steps     0.87; 0.92 / 0.95    150 s
         #   the same, 3000 steps                              0.92; 0.96 / 0.98    330 s
-        #   the same, captions cut to 16 words (simple world)  0.92; 0.94 / 0.98    246 s
-        # the captioning tower reads at most 12 words on the simple world, 32 on the full one
+        #   the same, text context cut to 16 tokens (simple)   0.92; 0.94 / 0.98    246 s
+        # (the CLIP text tower's context: captions have at most 12 words on the simple world, 32
+        # on the full one)
         train = {"steps": 3000, "batch_size": 128, "lr": 1e-3, "width": 128, "heads": 4,
                  "context_length": 16 if level == "simple" else 40, **layout}  # fmt: skip
     return {"what": "vit", "version": VERSION, "level": level, "seed": seed, "world": world, "train": train}
