@@ -127,6 +127,43 @@ def write_caption_and_vqa_mixture(train: Path, out: Path, qa_per_image: int, *, 
     return out
 
 
+class DemoSettings:
+    """The stage-1 and stage-2 recipe settings of a demo run in `out`: its tiny Q-Former, and the
+    optimisation both stages share (used by `run_demo` and `benchmarks/stage1_ablation.py`)."""
+
+    def __init__(self, out: Path, plan: DemoPlan, *, seed: int, llm_dir: str, vision: dict[str, Any],
+                 tokenizer_dir: Path, stage2_data: Path) -> None:  # fmt: skip
+        self.out, self.plan, self.seed = Path(out), plan, seed
+        self.llm_dir, self.vision, self.tokenizer_dir, self.stage2_data = llm_dir, vision, tokenizer_dir, stage2_data
+        self.qformer = dict(num_query_tokens=plan.num_queries, hidden_size=128, num_heads=4, intermediate_size=256,
+                            num_layers=4, cross_attention_freq=1, embed_dim=64, max_position_embeddings=64,
+                            hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
+
+    def common(self, steps: int) -> dict[str, Any]:
+        return dict(
+            feature_cache=str(self.out / "features"), batch_size=self.plan.batch_size, mixed_precision="no",
+            log_every=max(1, min(25, steps // 4)), seed=self.seed, weight_decay=0.05, max_steps=steps,
+            save_every=steps, warmup_steps=max(1, steps // 20), warmup_lr=1e-5, min_lr=1e-4,
+            tokenizer=str(self.tokenizer_dir), qformer_preset="tiny", vision=self.vision,
+        )  # fmt: skip
+
+    def stage1(self, output_dir: Path, steps: int):
+        from recipes.stage1 import Stage1Settings
+
+        return Stage1Settings(output_dir=str(output_dir), train_data=str(self.out / "data" / "train.json"), bert=None,
+                              qformer=self.qformer, lr=self.plan.stage1_lr, **self.common(steps))  # fmt: skip
+
+    def stage2(self, output_dir: Path, stage1: str | None, steps: int):
+        """Stage 2 from the stage-1 checkpoint `stage1`, or from a fresh Q-Former when it is None."""
+        from recipes.stage2 import Stage2Settings
+
+        return Stage2Settings(
+            output_dir=str(output_dir), train_data=str(self.stage2_data), llm=self.llm_dir, stage1=stage1,
+            qformer=self.qformer if stage1 is None else {}, lr=2e-3, prompt=CAPTION_PROMPT,
+            vqa_template=VQA_TEMPLATE, **self.common(steps),
+        )  # fmt: skip
+
+
 def run_demo(
     out: str | Path,
     *,
@@ -146,8 +183,8 @@ def run_demo(
         return run(out, world=world, minutes=minutes, seed=seed, cache_dir=cache_dir, fast=fast)
     from qformer.world.backbones import ensure_backbones
     from qformer.world.shapes import generate_world
-    from recipes.stage1 import Stage1Recipe, Stage1Settings
-    from recipes.stage2 import Stage2Recipe, Stage2Settings
+    from recipes.stage1 import Stage1Recipe
+    from recipes.stage2 import Stage2Recipe
     from recipes.common import run as run_recipe
 
     out = Path(out)
@@ -183,28 +220,9 @@ def run_demo(
         bridge = VisionBridge.from_spec(vision)
         write_feature_cache(bridge, load_pairs(data / "train.json"), out / "features", batch_size=256)
 
-    qformer = dict(num_query_tokens=plan.num_queries, hidden_size=128, num_heads=4, intermediate_size=256,
-                   num_layers=4, cross_attention_freq=1, embed_dim=64, max_position_embeddings=64,
-                   hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
-
-    def common(steps: int) -> dict[str, Any]:
-        return dict(
-            feature_cache=str(out / "features"), batch_size=plan.batch_size, mixed_precision="no",
-            log_every=max(1, min(25, steps // 4)), seed=seed, weight_decay=0.05, max_steps=steps, save_every=steps,
-            warmup_steps=max(1, steps // 20), warmup_lr=1e-5, min_lr=1e-4, tokenizer=str(tokenizer_dir),
-            qformer_preset="tiny", vision=vision,
-        )  # fmt: skip
-
-    def stage1_settings(output_dir: Path, steps: int) -> Stage1Settings:
-        return Stage1Settings(output_dir=str(output_dir), train_data=str(data / "train.json"), bert=None,
-                              qformer=qformer, lr=plan.stage1_lr, **common(steps))  # fmt: skip
-
-    def stage2_settings(output_dir: Path, stage1: str | None, steps: int) -> Stage2Settings:
-        return Stage2Settings(
-            output_dir=str(output_dir), train_data=str(stage2_data), llm=backbones["llm_dir"], stage1=stage1,
-            qformer=qformer if stage1 is None else {}, lr=2e-3, prompt=CAPTION_PROMPT, vqa_template=VQA_TEMPLATE,
-            **common(steps),
-        )  # fmt: skip
+    settings = DemoSettings(out, plan, seed=seed, llm_dir=backbones["llm_dir"], vision=vision,
+                            tokenizer_dir=tokenizer_dir, stage2_data=stage2_data)  # fmt: skip
+    stage1_settings, stage2_settings = settings.stage1, settings.stage2
 
     # `--minutes`: time a few steps of each stage on this machine, then give stage 1, stage 2 and
     # the ablation as many steps (in the default plan's proportions) as the time left allows, less
@@ -223,6 +241,7 @@ def run_demo(
         calibration["scale"] = round(minutes_scale(left, plan, calibration["stage1_s_per_step"],
                                                    calibration["stage2_s_per_step"], side_by_side), 3)  # fmt: skip
         plan = plan.scaled(calibration["scale"])
+        settings.plan = plan
         print(f"--minutes {minutes}: {left:.0f} s left, steps scaled x{calibration['scale']:.2f} "
               f"(stage 1 {plan.stage1_steps}, stage 2 {plan.stage2_steps})", flush=True)  # fmt: skip
 
@@ -252,7 +271,7 @@ def run_demo(
     # step 6: evaluation on held-out images, and on the compositional split
     from qformer import evaluate
 
-    metrics: dict[str, Any] = {"world": world, "llm": llm, "plan": plan.__dict__}
+    metrics: dict[str, Any] = {"world": world, "llm": llm, "seed": seed, "plan": plan.__dict__}
     if calibration:
         metrics["calibration"] = calibration
     with clock.phase("evaluation"):
