@@ -222,7 +222,6 @@ def run_demo(
 
     settings = DemoSettings(out, plan, seed=seed, llm_dir=backbones["llm_dir"], vision=vision,
                             tokenizer_dir=tokenizer_dir, stage2_data=stage2_data)  # fmt: skip
-    stage1_settings, stage2_settings = settings.stage1, settings.stage2
 
     # `--minutes`: time a few steps of each stage on this machine, then give stage 1, stage 2 and
     # the ablation as many steps (in the default plan's proportions) as the time left allows, less
@@ -234,8 +233,8 @@ def run_demo(
     if minutes is not None:
         with clock.phase("calibration"):
             probe = out / "calibration"
-            calibration["stage1_s_per_step"] = _seconds_per_step(Stage1Recipe(stage1_settings(probe / "s1", 6)))
-            calibration["stage2_s_per_step"] = _seconds_per_step(Stage2Recipe(stage2_settings(probe / "s2", None, 6)))
+            calibration["stage1_s_per_step"] = _seconds_per_step(Stage1Recipe(settings.stage1(probe / "s1", 6)))
+            calibration["stage2_s_per_step"] = _seconds_per_step(Stage2Recipe(settings.stage2(probe / "s2", None, 6)))
             shutil.rmtree(probe, ignore_errors=True)
         left = minutes * 60 - (time.perf_counter() - started)
         calibration["scale"] = round(minutes_scale(left, plan, calibration["stage1_s_per_step"],
@@ -247,9 +246,9 @@ def run_demo(
 
     # step 4: stage 1 (ITC + ITM + ITG) on the cached tokens, and beside it (it needs no stage 1)
     # the ablation: stage 2 from a fresh Q-Former, with the budget of step 5
-    ablation_settings = stage2_settings(out / "stage2_without_stage1", None, plan.stage2_steps)
+    ablation_settings = settings.stage2(out / "stage2_without_stage1", None, plan.stage2_steps)
     test = data / "test.json"
-    stage1_recipe = Stage1Recipe(stage1_settings(out / "stage1", plan.stage1_steps))
+    stage1_recipe = Stage1Recipe(settings.stage1(out / "stage1", plan.stage1_steps))
     if side_by_side:
         log = out / "stage2_without_stage1.log"
         print(f"(the ablation, stage 2 without stage 1, trains beside stage 1 in a second process; log: {log})")
@@ -266,7 +265,7 @@ def run_demo(
 
     # step 5: stage 2 from the stage-1 Q-Former
     with clock.phase("stage 2"):
-        train_stage2(stage2_settings(out / "stage2", str(out / "stage1" / "model"), plan.stage2_steps))
+        train_stage2(settings.stage2(out / "stage2", str(out / "stage1" / "model"), plan.stage2_steps))
     stage2_model = out / "stage2" / "model"
 
     # step 6: evaluation on held-out images, and on the compositional split
