@@ -42,8 +42,10 @@ def main() -> None:
     seed = metrics.get("seed", 0)
     backbones = ensure_backbones(metrics["world"], seed=seed, llm=metrics["llm"], num_queries=plan.num_queries)
     stage1_config = json.loads((demo / "stage1" / "model" / "config.json").read_text())
+    # the fresh arm starts where the demo's stage 1 started: the world BERT, or (older demos) a random trunk
+    bert = stage1_config.get("qformer", stage1_config).get("meta", {}).get("bert")
     settings = DemoSettings(demo, plan, seed=seed, llm_dir=backbones["llm_dir"], vision=stage1_config["vision"],
-                            tokenizer_dir=demo / "qformer_tokenizer",
+                            bert=bert, tokenizer_dir=None if bert else demo / "qformer_tokenizer",
                             stage2_data=demo / "data" / "train_stage2.json")  # fmt: skip
     work = demo / "ablation_curve"
     rows = []

@@ -28,6 +28,7 @@ import torch
 from safetensors import safe_open
 from torch import Tensor
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedConfig, PreTrainedTokenizerBase
+from transformers.utils import logging as hf_logging
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, WEIGHTS_NAME, cached_file
 
 from qformer.checkpoint import CheckpointError, LoadReport, load_state_dict_strict
@@ -241,7 +242,14 @@ def read_bert_weights(name_or_path: str | Path) -> dict[str, Tensor]:
     name = str(name_or_path)
     # Keys AutoModel reports missing (the pooler of a BertForMaskedLM checkpoint) were not in the
     # checkpoint but initialised at random: they are not BERT's weights, so they are dropped.
-    bert_model, info = AutoModel.from_pretrained(name, output_loading_info=True, dtype=torch.float32)
+    # (quietly: transformers' own table would call the dropped head "unexpected" and the pooler
+    # "missing"; `init_from_bert` returns the report that says what was used)
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        bert_model, info = AutoModel.from_pretrained(name, output_loading_info=True, dtype=torch.float32)
+    finally:
+        hf_logging.set_verbosity(verbosity)
     bert = {k: v.detach() for k, v in bert_model.state_dict().items() if k not in info["missing_keys"]}
     del bert_model
     # AutoModel drops a masked-LM checkpoint's prediction head; read it from the files directly.

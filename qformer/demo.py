@@ -37,6 +37,7 @@ class DemoPlan:
     n_test: int = 500
     n_compositional: int = 200
     stage1_steps: int = 700
+    stage1_batch_size: int = 64
     stage1_lr: float = 2e-3
     stage2_steps: int = 400
     batch_size: int = 64
@@ -54,7 +55,8 @@ class DemoPlan:
                            "stage2_steps": max(10, int(self.stage2_steps * factor))})  # fmt: skip
 
 
-FAST = DemoPlan(n_train=128, n_test=16, n_compositional=8, stage1_steps=4, stage2_steps=4, batch_size=16, k_test=4, num_beams=1)
+FAST = DemoPlan(n_train=128, n_test=16, n_compositional=8, stage1_steps=4, stage1_batch_size=16, stage2_steps=4,
+                batch_size=16, k_test=4, num_beams=1)  # fmt: skip
 
 
 class Clock:
@@ -78,36 +80,46 @@ class Clock:
 
 
 def world_tokenizer_for_qformer(data_dir: Path, out_dir: Path) -> Path:
-    """A BERT-style word-level tokenizer over the world's words ([CLS] ... [SEP], uncased), so the
-    Q-Former's embedding and LM head are as small as the world. A real run uses bert-base-uncased."""
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    """A BERT-style word-level tokenizer over the words of the world in `data_dir` and of the
+    demo's prompts, saved to `out_dir` (for recipes whose Q-Former starts without a BERT)."""
+    from qformer.world.backbones import bert_word_tokenizer
 
-    words: set[str] = set()
-    for text in (CAPTION_PROMPT, VQA_TEMPLATE.format("")):  # what an instruction-aware Q-Former reads
-        words.update(pre_tokenizers.BertPreTokenizer().pre_tokenize_str(text.lower()))
+    texts = [CAPTION_PROMPT, VQA_TEMPLATE.format("")]  # what an instruction-aware Q-Former reads
     for split in ("train", "test", "compositional_test"):
-        path = data_dir / f"{split}.json"
-        if not path.is_file():
-            continue
-        for record in json.loads(path.read_text()):
-            captions = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
-            for text in captions + [qa["question"] for qa in record.get("qa", [])]:
-                words.update(pre_tokenizers.BertPreTokenizer().pre_tokenize_str(text.lower()))
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    punctuation = set(",.?!-:;'\"()")
-    vocab = {w: i for i, w in enumerate(specials + sorted({w for w, _ in words} | punctuation))}
-    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
-    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
-    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
-    )
+        texts += _world_texts(data_dir, split)
     out_dir.mkdir(parents=True, exist_ok=True)
-    PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]"
-    ).save_pretrained(out_dir)
+    bert_word_tokenizer(texts).save_pretrained(out_dir)
     return out_dir
+
+
+def _world_texts(data_dir: Path, split: str) -> list[str]:
+    path = data_dir / f"{split}.json"
+    if not path.is_file():
+        return []
+    texts = []
+    for record in json.loads(path.read_text()):
+        captions = record["caption"] if isinstance(record["caption"], list) else [record["caption"]]
+        texts += captions + [f"{qa['question']} {qa['answer']}" for qa in record.get("qa", [])]
+    return texts
+
+
+def check_tokenizer_covers(tokenizer_dir: str | Path, data_dir: Path) -> None:
+    """Raise if the Q-Former's tokenizer (the world BERT's) maps a word of the demo's world to
+    [UNK]: the Q-Former would silently read those words as one unknown token."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    texts = [CAPTION_PROMPT, VQA_TEMPLATE.format("")]
+    for split in ("train", "test", "compositional_test"):
+        texts += _world_texts(data_dir, split)
+    split = tok.backend_tokenizer.pre_tokenizer
+    words = {w for text in texts for w, _ in split.pre_tokenize_str(text.lower())}
+    unknown = sorted(w for w in words if tok.convert_tokens_to_ids(w) == tok.unk_token_id)
+    if unknown:
+        raise ValueError(
+            f"The Q-Former tokenizer in {tokenizer_dir} has no token for {unknown[:10]} (words of the world in "
+            f"{data_dir}); delete that cached BERT folder so that it is trained again with this world's words."
+        )
 
 
 def write_caption_and_vqa_mixture(train: Path, out: Path, qa_per_image: int, *, seed: int) -> Path:
@@ -129,15 +141,23 @@ def write_caption_and_vqa_mixture(train: Path, out: Path, qa_per_image: int, *, 
 
 class DemoSettings:
     """The stage-1 and stage-2 recipe settings of a demo run in `out`: its tiny Q-Former, and the
-    optimisation both stages share (used by `run_demo` and `benchmarks/stage1_ablation.py`)."""
+    optimisation both stages share (used by `run_demo` and `benchmarks/stage1_ablation.py`).
+    `bert`: the world BERT the Q-Former starts from, in both arms of the ablation (BLIP-2 starts
+    both from bert-base); its tokenizer is then the Q-Former's. None: a random trunk of the same
+    shape, with the tokenizer in `tokenizer_dir`."""
+
+    TRUNK = dict(hidden_size=128, num_heads=4, intermediate_size=256, num_layers=4, max_position_embeddings=64)
 
     def __init__(self, out: Path, plan: DemoPlan, *, seed: int, llm_dir: str, vision: dict[str, Any],
-                 tokenizer_dir: Path, stage2_data: Path) -> None:  # fmt: skip
-        self.out, self.plan, self.seed = Path(out), plan, seed
-        self.llm_dir, self.vision, self.tokenizer_dir, self.stage2_data = llm_dir, vision, tokenizer_dir, stage2_data
-        self.qformer = dict(num_query_tokens=plan.num_queries, hidden_size=128, num_heads=4, intermediate_size=256,
-                            num_layers=4, cross_attention_freq=1, embed_dim=64, max_position_embeddings=64,
-                            hidden_dropout=0.0, attention_dropout=0.0)  # fmt: skip
+                 tokenizer_dir: Path | None = None, stage2_data: Path, bert: str | None = None) -> None:  # fmt: skip
+        if bert is None and tokenizer_dir is None:
+            raise ValueError("DemoSettings needs `bert` or `tokenizer_dir`")
+        self.out, self.plan, self.seed, self.bert = Path(out), plan, seed, bert
+        self.llm_dir, self.vision, self.stage2_data = llm_dir, vision, stage2_data
+        self.tokenizer_dir = Path(bert) if bert is not None else tokenizer_dir
+        # with a BERT, the trunk's shape is read from its checkpoint
+        self.qformer = dict(num_query_tokens=plan.num_queries, cross_attention_freq=1, embed_dim=64,
+                            hidden_dropout=0.0, attention_dropout=0.0, **({} if bert else self.TRUNK))  # fmt: skip
 
     def common(self, steps: int) -> dict[str, Any]:
         return dict(
@@ -150,17 +170,19 @@ class DemoSettings:
     def stage1(self, output_dir: Path, steps: int):
         from recipes.stage1 import Stage1Settings
 
-        return Stage1Settings(output_dir=str(output_dir), train_data=str(self.out / "data" / "train.json"), bert=None,
-                              qformer=self.qformer, lr=self.plan.stage1_lr, **self.common(steps))  # fmt: skip
+        settings = {**self.common(steps), "batch_size": self.plan.stage1_batch_size}
+        return Stage1Settings(output_dir=str(output_dir), train_data=str(self.out / "data" / "train.json"),
+                              bert=self.bert, qformer=self.qformer, lr=self.plan.stage1_lr, **settings)  # fmt: skip
 
     def stage2(self, output_dir: Path, stage1: str | None, steps: int):
-        """Stage 2 from the stage-1 checkpoint `stage1`, or from a fresh Q-Former when it is None."""
+        """Stage 2 from the stage-1 checkpoint `stage1`, or from a fresh Q-Former (the world BERT
+        where there is one) when it is None."""
         from recipes.stage2 import Stage2Settings
 
         return Stage2Settings(
             output_dir=str(output_dir), train_data=str(self.stage2_data), llm=self.llm_dir, stage1=stage1,
-            qformer=self.qformer if stage1 is None else {}, lr=2e-3, prompt=CAPTION_PROMPT,
-            vqa_template=VQA_TEMPLATE, **self.common(steps),
+            bert=self.bert if stage1 is None else None, qformer=self.qformer if stage1 is None else {}, lr=2e-3,
+            prompt=CAPTION_PROMPT, vqa_template=VQA_TEMPLATE, **self.common(steps),
         )  # fmt: skip
 
 
@@ -201,7 +223,6 @@ def run_demo(
         if not (data / "world.json").is_file():
             generate_world(data, level=world, n_train=plan.n_train, n_test=plan.n_test,
                            n_compositional=plan.n_compositional, image_size=64, seed=seed)  # fmt: skip
-        tokenizer_dir = world_tokenizer_for_qformer(data, out / "qformer_tokenizer")
         stage2_data = write_caption_and_vqa_mixture(data / "train.json", data / "train_stage2.json",
                                                     plan.qa_per_image, seed=seed)  # fmt: skip
 
@@ -220,8 +241,10 @@ def run_demo(
         bridge = VisionBridge.from_spec(vision)
         write_feature_cache(bridge, load_pairs(data / "train.json"), out / "features", batch_size=256)
 
+    # the Q-Former starts from the world BERT and reads with its tokenizer
+    check_tokenizer_covers(backbones["bert_dir"], data)
     settings = DemoSettings(out, plan, seed=seed, llm_dir=backbones["llm_dir"], vision=vision,
-                            tokenizer_dir=tokenizer_dir, stage2_data=stage2_data)  # fmt: skip
+                            bert=backbones["bert_dir"], stage2_data=stage2_data)  # fmt: skip
 
     # `--minutes`: time a few steps of each stage on this machine, then give stage 1, stage 2 and
     # the ablation as many steps (in the default plan's proportions) as the time left allows, less
@@ -263,9 +286,23 @@ def run_demo(
         with clock.phase("ablation: stage 2 without stage 1, and its captions"):
             ablation = ablation_arm(ablation_settings, test, plan.num_beams)
 
-    # step 5: stage 2 from the stage-1 Q-Former
-    with clock.phase("stage 2"):
-        train_stage2(settings.stage2(out / "stage2", str(out / "stage1" / "model"), plan.stage2_steps))
+    # step 5: stage 2 from the stage-1 Q-Former, and beside it the retrieval evaluation (it reads
+    # the stage-1 checkpoint only)
+    test_sets = {"test": test, "compositional": data / "compositional_test.json"}
+    stage2_recipe = Stage2Recipe(settings.stage2(out / "stage2", str(out / "stage1" / "model"), plan.stage2_steps))
+    if side_by_side:
+        with clock.phase("stage 2"), SideJob(retrieval_scores, out / "stage1" / "model", test_sets, plan.k_test,
+                                             log=out / "retrieval.log") as side:  # fmt: skip
+            _on_every_step(stage2_recipe, side.share)
+            run_recipe(stage2_recipe)
+        retrieval_by_set = side.result()
+        clock.seconds["retrieval evaluation (beside stage 2)"] = retrieval_by_set.pop("seconds")
+    else:
+        with clock.phase("stage 2"):
+            run_recipe(stage2_recipe)
+        with clock.phase("retrieval evaluation"):
+            retrieval_by_set = retrieval_scores(out / "stage1" / "model", test_sets, plan.k_test)
+            retrieval_by_set.pop("seconds")
     stage2_model = out / "stage2" / "model"
 
     # step 6: evaluation on held-out images, and on the compositional split
@@ -275,16 +312,16 @@ def run_demo(
     if calibration:
         metrics["calibration"] = calibration
     with clock.phase("evaluation"):
-        retrieval = evaluate.evaluate_retrieval(out / "stage1" / "model", test, k_test=plan.k_test)
+        retrieval = retrieval_by_set["test"]
         caption = evaluate.evaluate_captions(stage2_model, test, num_beams=plan.num_beams)
         vqa = evaluate.evaluate_vqa(stage2_model, test, num_beams=plan.num_beams)
         metrics["retrieval"] = {k: retrieval[k] for k in ("itc", "itm", "instance", "hit")}
         metrics["caption"] = {k: caption[k] for k in ("bleu4", "cider", "exact_match")}
         metrics["vqa"] = {k: vqa[k] for k in ("accuracy", "by_type")}
         metrics["ablation"] = {"without_stage1": {"caption": ablation["caption"]}}
-        comp = data / "compositional_test.json"
-        if comp.is_file() and json.loads(comp.read_text()):
-            c_ret = evaluate.evaluate_retrieval(out / "stage1" / "model", comp, k_test=plan.k_test)
+        comp = test_sets["compositional"]
+        if "compositional" in retrieval_by_set:
+            c_ret = retrieval_by_set["compositional"]
             c_cap = evaluate.evaluate_captions(stage2_model, comp, num_beams=plan.num_beams)
             c_vqa = evaluate.evaluate_vqa(stage2_model, comp, num_beams=plan.num_beams)
             metrics["compositional"] = {
@@ -339,6 +376,20 @@ def train_stage2(settings: Any) -> float:
     start = time.perf_counter()
     run(Stage2Recipe(settings))
     return time.perf_counter() - start
+
+
+def retrieval_scores(stage1_model: Path, test_sets: dict[str, Path], k_test: int) -> dict[str, Any]:
+    """`evaluate_retrieval` of the stage-1 checkpoint on each non-empty test set (module-level: a
+    SideJob runs it beside stage 2). Returns {name: scores, ..., "seconds"}."""
+    from qformer import evaluate
+
+    start = time.perf_counter()
+    out: dict[str, Any] = {}
+    for name, path in test_sets.items():
+        if path.is_file() and json.loads(path.read_text()):
+            out[name] = evaluate.evaluate_retrieval(stage1_model, path, k_test=k_test)
+    out["seconds"] = round(time.perf_counter() - start, 1)
+    return out
 
 
 def ablation_arm(settings: Any, test: Path, num_beams: int) -> dict[str, Any]:

@@ -62,7 +62,7 @@ def test_vit_config_and_position_embedding_scale(tmp_path):
 
 def test_ensure_backbones_loads_through_bridges_and_reuses_cache(tmp_path, monkeypatch):
     paths = backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True)
-    assert set(paths) == {"vit_name", "vit_weights", "vit_config", "llm_dir"}
+    assert set(paths) == {"vit_name", "vit_weights", "vit_config", "llm_dir", "bert_dir"}
     config = json.loads(Path(paths["vit_config"]).read_text())
     assert config["vision_cfg"]["no_ln_pre"] is True
 
@@ -75,6 +75,14 @@ def test_ensure_backbones_loads_through_bridges_and_reuses_cache(tmp_path, monke
     assert language.end_of_text == "newline"
     assert language.model.config.model_type == "opt"
 
+    # the world BERT initialises a Q-Former like any BERT checkpoint, its MLM head the ITG head
+    from qformer.bert_init import config_from_bert, init_from_bert
+    from qformer.stage1 import Stage1Model
+
+    report = init_from_bert(Stage1Model(config_from_bert(paths["bert_dir"], vision_width=32, num_query_tokens=4)),
+                            paths["bert_dir"])  # fmt: skip
+    assert "qformer.layers.0.self_attn.q.weight" in report.loaded and "lm_head.bias" in report.loaded
+
     # no leftovers of the atomic build
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
@@ -84,6 +92,7 @@ def test_ensure_backbones_loads_through_bridges_and_reuses_cache(tmp_path, monke
 
     monkeypatch.setattr(backbones, "train_world_vit", boom)
     monkeypatch.setattr(backbones, "train_world_lm", boom)
+    monkeypatch.setattr(backbones, "train_world_bert", boom)
     monkeypatch.setattr(shapes, "generate_world", boom)
     assert backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True) == paths
 
@@ -114,3 +123,22 @@ def test_ensure_backbones_t5_trained_side_by_side(tmp_path, monkeypatch):
     vit_dirs = [p for p in tmp_path.iterdir() if p.name.startswith("vit-")]
     backbones.ensure_backbones("simple", cache_dir=tmp_path, fast=True, llm="opt")
     assert [p for p in tmp_path.iterdir() if p.name.startswith("vit-")] == vit_dirs
+
+
+def test_world_bert_learns_the_masked_words_and_its_tokenizer_covers_the_world(tmp_path):
+    out = backbones.train_world_bert("simple", tmp_path / "bert", steps=500, batch_size=32, hidden=32, layers=1,
+                                     heads=2, intermediate=64, n_texts=500, lr=5e-3)  # fmt: skip
+    info = json.loads((Path(out) / "bert_train_info.txt").read_text())
+    assert info["final_loss"] < info["first_loss"] - 1.0
+    assert info["masked_word_accuracy"] > 0.3  # against 1 in 70 by chance
+
+    from qformer.demo import check_tokenizer_covers
+
+    world = tmp_path / "world"
+    shapes.generate_world(world, level="simple", n_train=40, n_test=10, n_compositional=5, image_size=32, seed=3)
+    check_tokenizer_covers(out, world)  # every word of a freshly generated world has its own token
+    records = json.loads((world / "train.json").read_text())
+    records[0]["caption"] = "a zebra"
+    (world / "train.json").write_text(json.dumps(records))
+    with pytest.raises(ValueError, match="zebra"):
+        check_tokenizer_covers(out, world)

@@ -107,6 +107,28 @@ def world_tokenizer(texts: Iterable[str], kind: LMKind) -> PreTrainedTokenizerFa
     raise ValueError(f'`kind` must be "opt" or "t5", got {kind!r}')
 
 
+BERT_SPECIALS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
+
+
+def bert_word_tokenizer(texts: Iterable[str]) -> PreTrainedTokenizerFast:
+    """A BERT-style tokenizer with one token per word of `texts` (uncased, [CLS] ... [SEP]), plus
+    common punctuation: the Q-Former's embedding and LM head then are as small as the world. A real
+    run uses bert-base-uncased."""
+    from tokenizers import normalizers
+
+    split = pre_tokenizers.BertPreTokenizer()
+    words = {w for text in texts for w, _ in split.pre_tokenize_str(text.lower())}
+    vocab = {w: i for i, w in enumerate([*BERT_SPECIALS, *sorted(words | set(",.?!-:;'\"()"))])}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = split
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", 2), ("[SEP]", 3)]
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]", cls_token="[CLS]",
+                                   sep_token="[SEP]", mask_token="[MASK]")  # fmt: skip
+
+
 # ----------------------------------------------------------------------------------------------
 # Helpers
 
@@ -539,6 +561,131 @@ def train_world_lm(
     return str(out_dir)
 
 
+def bert_pairs(world_level: shapes.Level, *, seed: int = 0, n: int = 20000) -> list[tuple[str, str, int]]:
+    """BERT's two pre-training tasks, in this world: (a caption, a text, label). The text is about
+    the same scene (label 0, BERT's "is next") or, half the time, about another scene (label 1).
+    A text is "caption : <caption>" or "question : <question> answer : <answer>", the words of the
+    demo's prompts; scenes come from the training distribution only (no held-out pair)."""
+    rng = random.Random(f"{seed}/bert/{world_level}")
+    holdout = shapes.DEFAULT_HOLDOUT
+
+    def text(scene: shapes.Scene) -> str:
+        if rng.random() < 0.5:
+            return f"caption : {shapes.caption(scene, rng, level=world_level)}"
+        qa = rng.choice(shapes.make_qa(scene, rng, avoid=holdout))
+        return f"question : {qa['question']} answer : {qa['answer']}"
+
+    pairs = []
+    for _ in range(n):
+        scene = shapes.sample_scene(world_level, rng, holdout=holdout)
+        first = f"caption : {shapes.caption(scene, rng, level=world_level)}"
+        other = rng.random() < 0.5
+        pairs.append((first, text(shapes.sample_scene(world_level, rng, holdout=holdout) if other else scene), int(other)))
+    return pairs
+
+
+def train_world_bert(
+    world_level: shapes.Level,
+    out_dir: str | Path,
+    *,
+    seed: int = 0,
+    steps: int = 400,
+    batch_size: int = 128,
+    lr: float = 2e-3,
+    hidden: int = 128,
+    layers: int = 4,
+    heads: int = 4,
+    intermediate: int = 256,
+    max_positions: int = 64,
+    n_texts: int = 20000,
+    mask_prob: float = 0.15,
+    log_every: int = 100,
+) -> str:
+    """Pre-train a tiny BERT on the world's text with BERT's two tasks (`bert_pairs`): masked words
+    (15% of them; of those 80% [MASK], 10% a random word, 10% kept) and "same scene?" from [CLS]
+    (BERT's next-sentence task, which is what trains [CLS] to sum up the text; the Q-Former's
+    ITC reads [CLS]). Saved with its word-level tokenizer to `out_dir` as a `BertForPreTraining`:
+    the world's stand-in for bert-base-uncased, which BLIP-2 starts its Q-Former from
+    (`bert_init.init_from_bert` reads it like any BERT checkpoint). Returns `out_dir`.
+
+    Measured on the demo (stage 1, 1000 steps of 32): from a random trunk ITC stays at chance for
+    ~150 steps; from a BERT trained on masked words alone, whose [CLS] hardly depends on the text
+    (mean cosine 0.95 between captions), for ~300; see the README."""
+    from transformers import BertConfig, BertForPreTraining
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    pairs = bert_pairs(world_level, seed=seed, n=n_texts)
+    texts = [t for a, b, _ in pairs for t in (a, b)]
+    # every attribute word, whether or not the sampled texts happen to use it
+    vocabulary = [" ".join(map(str, values)) for values in (shapes.SHAPES, shapes.COLOURS, shapes.SIZES,
+                  shapes.POSITIONS, shapes.RELATIONS, shapes.COUNT_WORDS[1:])]  # fmt: skip
+    tok = bert_word_tokenizer(texts + vocabulary)
+    enc = tok([a for a, _, _ in pairs], [b for _, b, _ in pairs], padding="longest", truncation=True,
+              max_length=max_positions, return_tensors="pt", return_token_type_ids=True)  # fmt: skip
+    ids, attention, segments = enc["input_ids"], enc["attention_mask"], enc["token_type_ids"]
+    other_scene = torch.tensor([label for _, _, label in pairs])
+    special = torch.tensor([tok.convert_tokens_to_ids(t) for t in BERT_SPECIALS])
+    torch.manual_seed(seed)
+    config = BertConfig(vocab_size=len(tok), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                        intermediate_size=intermediate, max_position_embeddings=max_positions, hidden_dropout_prob=0.0,
+                        attention_probs_dropout_prob=0.0, pad_token_id=tok.pad_token_id)  # fmt: skip
+    model = BertForPreTraining(config)
+    decay = [p for p in model.parameters() if p.ndim >= 2]
+    no_decay = [p for p in model.parameters() if p.ndim < 2]
+    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                                  lr=lr, betas=(0.9, 0.98))  # fmt: skip
+    generator = torch.Generator().manual_seed(seed)
+    start = time.perf_counter()
+    model.train()
+    first = last = float("nan")
+    for step in range(steps):
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step / steps, lr)
+        idx = torch.randint(0, len(ids), (batch_size,), generator=generator)
+        x, mask, segment = ids[idx].clone(), attention[idx], segments[idx]
+        width = int(mask.sum(dim=1).max())
+        x, mask, segment = x[:, :width], mask[:, :width], segment[:, :width]
+        chosen = (torch.rand(x.shape, generator=generator) < mask_prob) & (mask == 1) & ~torch.isin(x, special)
+        labels = torch.where(chosen, x, torch.full_like(x, -100))
+        roll = torch.rand(x.shape, generator=generator)
+        x[chosen & (roll < 0.8)] = tok.mask_token_id
+        swap = chosen & (roll >= 0.8) & (roll < 0.9)
+        x[swap] = torch.randint(len(BERT_SPECIALS), len(tok), (int(swap.sum()),), generator=generator)
+        loss = model(input_ids=x, attention_mask=mask, token_type_ids=segment, labels=labels,
+                     next_sentence_label=other_scene[idx]).loss  # fmt: skip
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        last = loss.item()
+        first = last if step == 0 else first
+        if (step + 1) % log_every == 0 or step == 0:
+            _log(f"bert step {step + 1}/{steps} loss {last:.4f} {time.perf_counter() - start:.0f}s")
+    seconds = time.perf_counter() - start
+    _log(f"bert trained {steps} steps in {seconds:.1f}s, final loss {last:.4f}")
+    model.eval()
+    # how much [CLS] depends on the caption (ITC's text side starts from it): the mean cosine
+    # between the [CLS] outputs of 256 captions; near 1 means [CLS] says nothing of the text
+    # and the masked-word accuracy on 256 captions with one word masked each
+    with torch.no_grad():
+        captions = tok([a for a, _, _ in pairs[:256]], padding="longest", return_tensors="pt")
+        cls = F.normalize(model.bert(**captions).last_hidden_state[:, 0], dim=-1)
+        x, n_words = captions["input_ids"].clone(), captions["attention_mask"].sum(dim=1) - 2
+        where = 1 + (torch.rand(len(x), generator=generator) * n_words).long()  # a word between [CLS] and [SEP]
+        rows = torch.arange(len(x))
+        truth = x[rows, where].clone()
+        x[rows, where] = tok.mask_token_id
+        logits = model(input_ids=x, attention_mask=captions["attention_mask"]).prediction_logits
+        accuracy = (logits[rows, where].argmax(-1) == truth).float().mean().item()
+    model.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    info = {"level": world_level, "steps_done": steps, "seconds": seconds, "first_loss": first, "final_loss": last,
+            "masked_word_accuracy": accuracy, "cls_mean_cosine": (cls @ cls.T).mean().item(), "seed": seed}  # fmt: skip
+    (out_dir / "bert_train_info.txt").write_text(json.dumps(info, indent=2) + "\n")
+    return str(out_dir)
+
+
 @torch.no_grad()
 def evaluate_world_lm(llm_dir: str | Path, world_level: shapes.Level, *, n: int = 200, seed: int = 12345,
                       num_queries: int = 8, filler: str = DEFAULT_FILLER, batch_size: int = 50) -> dict[str, float]:  # fmt: skip
@@ -621,6 +768,16 @@ def lm_settings(level: str, seed: int, llm: str, fast: bool, num_queries: int) -
     return {"what": "llm", "version": VERSION, "level": level, "seed": seed, "kind": llm, "train": train}
 
 
+def bert_settings(level: str, seed: int, fast: bool) -> dict[str, Any]:
+    # the trunk of the demo's Q-Former (qformer.demo.DemoSettings reads its shape from the checkpoint)
+    # 400 steps, about 48 s on two cores
+    train: dict[str, Any] = {"steps": 400, "hidden": 128, "layers": 4, "heads": 4, "intermediate": 256, "max_positions": 64}
+    if fast:
+        train |= {"steps": 2, "batch_size": 8, "n_texts": 200}
+    return {"what": "bert", "version": VERSION, "tasks": "masked words + same scene", "level": level, "seed": seed,
+            "train": train}  # fmt: skip
+
+
 def _key(settings: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -654,9 +811,10 @@ def ensure_backbones(
 ) -> dict[str, str]:
     """The frozen ViT and LM for `level`, trained on first use and cached under `cache_dir`
     (default `$QFORMER_CACHE` or ~/.cache/qformer/shapesworld), each keyed by a hash of its
-    settings. Returns {"vit_name", "vit_weights", "vit_config", "llm_dir"}; the ViT config is
+    settings. Returns {"vit_name", "vit_weights", "vit_config", "llm_dir", "bert_dir"}; the ViT config is
     registered with open_clip, so `VisionBridge.from_open_clip(vit_name, vit_weights)` and
-    `LanguageBridge.from_pretrained(llm_dir)` load them. `fast=True`: tiny models, a few steps
+    `LanguageBridge.from_pretrained(llm_dir)` load them; "bert_dir" is a tiny BERT (with its
+    tokenizer) trained on the world's text, the Q-Former's starting point as bert-base is BLIP-2's. `fast=True`: tiny models, a few steps
     (for tests). When both must be trained they train side by side, the LM in a second process
     (`side_job.SideJob`); `side_by_side` forces that on or off (default: `side_job.worth_it`, off
     with `fast`)."""
@@ -673,20 +831,23 @@ def ensure_backbones(
     name = f"shapesworld-vit-{_key(vs)[:10]}"
     ls = lm_settings(level, seed, llm, fast, num_queries)
     llm_dir = cache / f"llm-{llm}-{level}-{_key(ls)}"
+    bs = bert_settings(level, seed, fast)
+    bert_dir = cache / f"bert-{level}-{_key(bs)}"
     need_vit = not (vit_dir / f"{name}.safetensors").exists()
     need_lm = not (llm_dir / "config.json").exists()
+    need_bert = not (bert_dir / "config.json").exists()
     if side_by_side is None:
         side_by_side = worth_it(default=not fast)
-    if need_vit and need_lm and side_by_side:
-        _log("training the ViT and the LM side by side (the LM in a second process)")
-        with SideJob(_build_lm, llm_dir, ls, level, seed) as side:
+    if need_vit and (need_lm or need_bert) and side_by_side:
+        _log("training the ViT and, in a second process beside it, the text models")
+        with SideJob(_build_text_models, llm_dir if need_lm else None, ls, bert_dir if need_bert else None, bs,
+                     level, seed) as side:  # fmt: skip
             _build_vit(vit_dir, name, vs, level, seed, on_step=side.share)
         side.result()
     else:
         if need_vit:
             _build_vit(vit_dir, name, vs, level, seed)
-        if need_lm:
-            _build_lm(llm_dir, ls, level, seed)
+        _build_text_models(llm_dir if need_lm else None, ls, bert_dir if need_bert else None, bs, level, seed)
     config = vit_dir / f"{name}.json"
     register_vit_config(config)
     return {
@@ -694,6 +855,7 @@ def ensure_backbones(
         "vit_weights": str(vit_dir / f"{name}.safetensors"),
         "vit_config": str(config),
         "llm_dir": str(llm_dir),
+        "bert_dir": str(bert_dir),
     }
 
 
@@ -708,6 +870,24 @@ def _build_vit(vit_dir: Path, name: str, vs: dict[str, Any], level: shapes.Level
         (tmp / "settings.txt").write_text(json.dumps(vs, indent=2) + "\n")
 
     _build_atomically(vit_dir, build)
+
+
+def _build_text_models(llm_dir: Path | None, ls: dict[str, Any], bert_dir: Path | None, bs: dict[str, Any],
+                       level: shapes.Level, seed: int) -> None:  # fmt: skip
+    """The LM, then the BERT the Q-Former starts from (each skipped when its directory is None)."""
+    if llm_dir is not None:
+        _build_lm(llm_dir, ls, level, seed)
+    if bert_dir is not None:
+        _build_bert(bert_dir, bs, level, seed)
+
+
+def _build_bert(bert_dir: Path, bs: dict[str, Any], level: shapes.Level, seed: int) -> None:
+    def build(tmp: Path) -> None:
+        _log(f"training the ShapesWorld BERT (the Q-Former's initialisation) into {bert_dir}")
+        train_world_bert(level, tmp, seed=seed, **bs["train"])
+        (tmp / "settings.txt").write_text(json.dumps(bs, indent=2) + "\n")
+
+    _build_atomically(bert_dir, build)
 
 
 def _build_lm(llm_dir: Path, ls: dict[str, Any], level: shapes.Level, seed: int) -> None:
