@@ -226,9 +226,16 @@ def run_demo(
         stage2_data = write_caption_and_vqa_mixture(data / "train.json", data / "train_stage2.json",
                                                     plan.qa_per_image, seed=seed)  # fmt: skip
 
-    # step 2: the frozen backbones, trained on the world once and cached
+    from qformer.side_job import SideJob, worth_it
+
+    side_by_side = worth_it(default=not fast)
+    # step 2: the frozen backbones, trained on the world once and cached. Side by side, a missing
+    # LM trains later, beside stage 1 (which does not need it): the BERT alone beside the ViT leaves
+    # the ViT both cores sooner. `--minutes` times stage-2 steps first, so it needs the LM here.
+    lm_later = side_by_side and minutes is None
+    lm_args = dict(cache_dir=cache_dir, seed=seed, llm=llm, fast=fast, num_queries=plan.num_queries)
     with clock.phase("backbones"):
-        backbones = ensure_backbones(world, cache_dir=cache_dir, seed=seed, llm=llm, fast=fast, num_queries=plan.num_queries)
+        backbones = ensure_backbones(world, **lm_args, train_lm=not lm_later)
     # the tower's config file as its name: checkpoints then load it in any process
     vision = {"source": "open_clip", "name": backbones["vit_config"], "pretrained": backbones["vit_weights"], "layer": plan.vision_layer}
 
@@ -249,9 +256,6 @@ def run_demo(
     # `--minutes`: time a few steps of each stage on this machine, then give stage 1, stage 2 and
     # the ablation as many steps (in the default plan's proportions) as the time left allows, less
     # a share kept for evaluation
-    from qformer.side_job import SideJob, worth_it
-
-    side_by_side = worth_it(default=not fast)
     calibration: dict[str, float] = {}
     if minutes is not None:
         with clock.phase("calibration"):
@@ -275,10 +279,13 @@ def run_demo(
     if side_by_side:
         log = out / "stage2_without_stage1.log"
         print(f"(the ablation, stage 2 without stage 1, trains beside stage 1 in a second process; log: {log})")
-        with clock.phase("stage 1"), SideJob(ablation_arm, ablation_settings, test, plan.num_beams, log=log) as side:
+        with clock.phase("stage 1"), SideJob(lm_then_ablation, world, lm_args, ablation_settings, test,
+                                             plan.num_beams, log=log) as side:  # fmt: skip
             _on_every_step(stage1_recipe, side.share)
             run_recipe(stage1_recipe)
         ablation = side.result()
+        if ablation["lm_seconds"]:
+            clock.seconds["LM (beside stage 1)"] = ablation["lm_seconds"]
         clock.seconds["ablation: stage 2 without stage 1, and its captions (beside stage 1)"] = ablation["seconds"]
     else:
         with clock.phase("stage 1"):
@@ -376,6 +383,17 @@ def train_stage2(settings: Any) -> float:
     start = time.perf_counter()
     run(Stage2Recipe(settings))
     return time.perf_counter() - start
+
+
+def lm_then_ablation(world: str, lm_args: dict[str, Any], settings: Any, test: Path, num_beams: int) -> dict[str, Any]:
+    """The frozen LM (trained if not cached, as `ensure_backbones` would), then `ablation_arm`:
+    the demo's side job beside stage 1. Returns the arm's result plus "lm_seconds"."""
+    from qformer.world.backbones import ensure_lm
+
+    lm = ensure_lm(world, **lm_args)
+    if lm["llm_dir"] != settings.llm:
+        raise AssertionError(f"the LM trained beside stage 1 ({lm['llm_dir']}) is not the demo's ({settings.llm})")
+    return {**ablation_arm(settings, test, num_beams), "lm_seconds": lm["seconds"]}
 
 
 def retrieval_scores(stage1_model: Path, test_sets: dict[str, Path], k_test: int) -> dict[str, Any]:

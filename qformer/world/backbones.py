@@ -808,16 +808,19 @@ def ensure_backbones(
     fast: bool = False,
     num_queries: int = 8,
     side_by_side: bool | None = None,
+    train_lm: bool = True,
 ) -> dict[str, str]:
-    """The frozen ViT and LM for `level`, trained on first use and cached under `cache_dir`
-    (default `$QFORMER_CACHE` or ~/.cache/qformer/shapesworld), each keyed by a hash of its
-    settings. Returns {"vit_name", "vit_weights", "vit_config", "llm_dir", "bert_dir"}; the ViT config is
-    registered with open_clip, so `VisionBridge.from_open_clip(vit_name, vit_weights)` and
-    `LanguageBridge.from_pretrained(llm_dir)` load them; "bert_dir" is a tiny BERT (with its
-    tokenizer) trained on the world's text, the Q-Former's starting point as bert-base is BLIP-2's. `fast=True`: tiny models, a few steps
-    (for tests). When both must be trained they train side by side, the LM in a second process
-    (`side_job.SideJob`); `side_by_side` forces that on or off (default: `side_job.worth_it`, off
-    with `fast`)."""
+    """The frozen ViT and LM for `level`, and the BERT the Q-Former starts from, trained on first
+    use and cached under `cache_dir` (default `$QFORMER_CACHE` or ~/.cache/qformer/shapesworld),
+    each keyed by a hash of its settings. Returns {"vit_name", "vit_weights", "vit_config",
+    "llm_dir", "bert_dir"}; the ViT config is registered with open_clip, so
+    `VisionBridge.from_open_clip(vit_name, vit_weights)` and `LanguageBridge.from_pretrained(llm_dir)`
+    load them; "bert_dir" is a tiny BERT (with its tokenizer) trained on the world's text, the
+    Q-Former's starting point as bert-base is BLIP-2's. `fast=True`: tiny models, a few steps (for
+    tests). The text models train in a second process beside the ViT (`side_job.SideJob`);
+    `side_by_side` forces that on or off (default: `side_job.worth_it`, off with `fast`).
+    `train_lm=False` leaves a missing LM untrained (its path is returned all the same): the demo
+    trains it with `ensure_lm` beside stage 1, which does not need it."""
     from qformer.side_job import SideJob, worth_it
 
     if level not in shapes.LEVELS:
@@ -834,7 +837,7 @@ def ensure_backbones(
     bs = bert_settings(level, seed, fast)
     bert_dir = cache / f"bert-{level}-{_key(bs)}"
     need_vit = not (vit_dir / f"{name}.safetensors").exists()
-    need_lm = not (llm_dir / "config.json").exists()
+    need_lm = train_lm and not (llm_dir / "config.json").exists()
     need_bert = not (bert_dir / "config.json").exists()
     if side_by_side is None:
         side_by_side = worth_it(default=not fast)
@@ -857,6 +860,19 @@ def ensure_backbones(
         "llm_dir": str(llm_dir),
         "bert_dir": str(bert_dir),
     }
+
+
+def ensure_lm(level: shapes.Level, *, cache_dir: str | Path | None = None, seed: int = 0, llm: LMKind = "opt",
+              fast: bool = False, num_queries: int = 8) -> dict[str, Any]:  # fmt: skip
+    """The LM of `ensure_backbones`, trained here if it is not cached (module-level: the demo runs
+    it in a SideJob beside stage 1). Returns {"llm_dir", "seconds"} (seconds 0 when cached)."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    ls = lm_settings(level, seed, llm, fast, num_queries)
+    llm_dir = cache / f"llm-{llm}-{level}-{_key(ls)}"
+    start = time.perf_counter()
+    if not (llm_dir / "config.json").exists():
+        _build_lm(llm_dir, ls, level, seed)
+    return {"llm_dir": str(llm_dir), "seconds": round(time.perf_counter() - start, 1)}
 
 
 def _build_vit(vit_dir: Path, name: str, vs: dict[str, Any], level: shapes.Level, seed: int,
