@@ -94,7 +94,7 @@ def main() -> None:
                                                 seed=args.seed)  # fmt: skip
     with phase("backbones (cached)", seconds):
         # the demo's (its default seed): cached after the first demo run, never retrained here
-        backbones = ensure_backbones("simple", llm="opt", num_queries=QFORMER["num_query_tokens"])
+        backbones = ensure_backbones("simple", llm="opt", num_queries=QFORMER["num_query_tokens"], train_bert=False)
     vision = {"source": "open_clip", "name": backbones["vit_config"], "pretrained": backbones["vit_weights"], "layer": -2}
     with phase("feature cache", seconds):
         if not (out / "features" / "index.json").is_file():

@@ -4,7 +4,7 @@ stage-2 budgets.
 BLIP-2 (Fig. 5) shows that generative learning without representation learning lags behind at the
 same number of stage-2 steps. `qformer demo` measures one point of that curve, at its own stage-2
 budget; this script measures several. It reuses a finished demo directory (its world, feature
-cache, stage-1 checkpoint, tokenizer and cached backbones) and, for each budget, trains both arms
+cache, stage-1 checkpoint, cached backbones and world BERT) and, for each budget, trains both arms
 with the demo's own stage-2 settings (`qformer.demo.DemoSettings`: same data, seed, batch order and
 learning-rate schedule for that budget), side by side on one thread each, then scores both on the
 held-out test images (captions and VQA) and on the compositional split (captions).
@@ -44,6 +44,8 @@ def main() -> None:
     stage1_config = json.loads((demo / "stage1" / "model" / "config.json").read_text())
     # the fresh arm starts where the demo's stage 1 started: the world BERT, or (older demos) a random trunk
     bert = stage1_config.get("qformer", stage1_config).get("meta", {}).get("bert")
+    if bert and not Path(bert).is_dir():  # the cache moved or was cleared: this machine's world BERT
+        bert = backbones["bert_dir"]
     settings = DemoSettings(demo, plan, seed=seed, llm_dir=backbones["llm_dir"], vision=stage1_config["vision"],
                             bert=bert, tokenizer_dir=None if bert else demo / "qformer_tokenizer",
                             stage2_data=demo / "data" / "train_stage2.json")  # fmt: skip

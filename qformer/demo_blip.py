@@ -329,7 +329,7 @@ def _vision(world: str, *, cache_dir: str | Path | None, seed: int, fast: bool) 
     """The ViT to train: the cached ShapesWorld ViT's config and weights, read at its last block."""
     from qformer.world.backbones import ensure_backbones
 
-    backbones = ensure_backbones(world, cache_dir=cache_dir, seed=seed, fast=fast)  # type: ignore[arg-type]
+    backbones = ensure_backbones(world, cache_dir=cache_dir, seed=seed, fast=fast, train_bert=False)  # type: ignore[arg-type]
     return {"source": "open_clip", "name": backbones["vit_config"], "pretrained": backbones["vit_weights"], "layer": -1}
 
 

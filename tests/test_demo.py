@@ -40,7 +40,8 @@ def test_minutes_scale_fits_the_three_trainings_into_the_time_left():
 @pytest.mark.slow
 def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("QFORMER_CACHE", str(tmp_path / "cache"))
-    # as on a real run: the LM beside the ViT, the ablation beside stage 1 (each in a second process)
+    # as on a real --minutes run: the text models beside the ViT, the ablation beside stage 1, the
+    # retrieval evaluation beside stage 2 (each in a second process)
     monkeypatch.setenv("QFORMER_SIDE_BY_SIDE", "1")
     out = tmp_path / "demo"
     # --minutes 0.5 leaves no time for training after the calibration: the floor of 10 steps
@@ -64,6 +65,7 @@ def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
     assert "<svg" in html and "query 0" in html
 
 
+@pytest.mark.slow
 def test_demo_trains_a_missing_lm_beside_stage_1(tmp_path, monkeypatch):
     """Side by side and without --minutes, the LM is not trained with the ViT but in the side job
     beside stage 1, before the ablation's stage 2; stage 2 then finds it in the cache."""

@@ -5,6 +5,7 @@ in minutes on a CPU, and save them in their libraries' own formats so that the p
 load them exactly as they would load a downloaded backbone:
 
     paths = ensure_backbones("simple")                       # trains once, then reuses the cache
+    # paths["bert_dir"]: the BERT, for Stage1Settings(bert=...) / bert_init.init_from_bert
     open_clip.add_model_config(paths["vit_config"])          # ensure_backbones already did this
     vision = VisionBridge.from_open_clip(paths["vit_name"], paths["vit_weights"])
     language = LanguageBridge.from_pretrained(paths["llm_dir"])
@@ -21,6 +22,9 @@ load them exactly as they would load a downloaded backbone:
   ..."), loss only after the scene slot. A tiny LM trained on bare captions cannot be steered by a
   soft prompt once frozen; one trained to read a scene slot can: in stage 2 the Q-Former's soft
   prompt takes the place of the scene words.
+* The BERT is a tiny `BertForPreTraining` trained on the world's text with BERT's two tasks
+  (masked words; "is the second text about the same scene?" from [CLS]), saved with a word-level
+  tokenizer: the world's stand-in for the bert-base that BLIP-2 starts its Q-Former from.
 """
 
 from __future__ import annotations
@@ -260,7 +264,7 @@ def train_world_vit(
     save it to `out_dir` as `<name>.json` (the open_clip config, registered) and
     `<name>.safetensors` (the whole CLIP state dict). Returns (model_name, weights_path), the
     arguments of `VisionBridge.from_open_clip`. `on_step` is called before every step (the demo
-    hands this process its threads back there once the LM trained beside it is done)."""
+    hands this process its threads back there once the text models trained beside it are done)."""
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
 
@@ -667,12 +671,13 @@ def train_world_bert(
     model.eval()
     # how much [CLS] depends on the caption (ITC's text side starts from it): the mean cosine
     # between the [CLS] outputs of 256 captions; near 1 means [CLS] says nothing of the text
-    # and the masked-word accuracy on 256 captions with one word masked each
+    # and the masked-word accuracy on 256 captions with one word of the caption masked each (not
+    # of its fixed "caption :" prefix)
     with torch.no_grad():
         captions = tok([a for a, _, _ in pairs[:256]], padding="longest", return_tensors="pt")
         cls = F.normalize(model.bert(**captions).last_hidden_state[:, 0], dim=-1)
-        x, n_words = captions["input_ids"].clone(), captions["attention_mask"].sum(dim=1) - 2
-        where = 1 + (torch.rand(len(x), generator=generator) * n_words).long()  # a word between [CLS] and [SEP]
+        x, n_words = captions["input_ids"].clone(), captions["attention_mask"].sum(dim=1) - 4
+        where = 3 + (torch.rand(len(x), generator=generator) * n_words).long()  # after [CLS] caption :
         rows = torch.arange(len(x))
         truth = x[rows, where].clone()
         x[rows, where] = tok.mask_token_id
@@ -771,7 +776,9 @@ def lm_settings(level: str, seed: int, llm: str, fast: bool, num_queries: int) -
 def bert_settings(level: str, seed: int, fast: bool) -> dict[str, Any]:
     # the trunk of the demo's Q-Former (qformer.demo.DemoSettings reads its shape from the checkpoint)
     # 400 steps, about 48 s on two cores
-    train: dict[str, Any] = {"steps": 400, "hidden": 128, "layers": 4, "heads": 4, "intermediate": 256, "max_positions": 64}
+    # (every training argument is here, so that the cache key changes with any of them)
+    train: dict[str, Any] = {"steps": 400, "batch_size": 128, "lr": 2e-3, "hidden": 128, "layers": 4, "heads": 4,
+                             "intermediate": 256, "max_positions": 64, "n_texts": 20000, "mask_prob": 0.15}  # fmt: skip
     if fast:
         train |= {"steps": 2, "batch_size": 8, "n_texts": 200}
     return {"what": "bert", "version": VERSION, "tasks": "masked words + same scene", "level": level, "seed": seed,
@@ -809,6 +816,7 @@ def ensure_backbones(
     num_queries: int = 8,
     side_by_side: bool | None = None,
     train_lm: bool = True,
+    train_bert: bool = True,
 ) -> dict[str, str]:
     """The frozen ViT and LM for `level`, and the BERT the Q-Former starts from, trained on first
     use and cached under `cache_dir` (default `$QFORMER_CACHE` or ~/.cache/qformer/shapesworld),
@@ -820,7 +828,8 @@ def ensure_backbones(
     tests). The text models train in a second process beside the ViT (`side_job.SideJob`);
     `side_by_side` forces that on or off (default: `side_job.worth_it`, off with `fast`).
     `train_lm=False` leaves a missing LM untrained (its path is returned all the same): the demo
-    trains it with `ensure_lm` beside stage 1, which does not need it."""
+    trains it with `ensure_lm` beside stage 1, which does not need it; `train_bert=False` likewise
+    leaves the BERT alone (for recipes that do not start from it)."""
     from qformer.side_job import SideJob, worth_it
 
     if level not in shapes.LEVELS:
@@ -838,7 +847,7 @@ def ensure_backbones(
     bert_dir = cache / f"bert-{level}-{_key(bs)}"
     need_vit = not (vit_dir / f"{name}.safetensors").exists()
     need_lm = train_lm and not (llm_dir / "config.json").exists()
-    need_bert = not (bert_dir / "config.json").exists()
+    need_bert = train_bert and not (bert_dir / "config.json").exists()
     if side_by_side is None:
         side_by_side = worth_it(default=not fast)
     if need_vit and (need_lm or need_bert) and side_by_side:
