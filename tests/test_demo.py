@@ -80,3 +80,17 @@ def test_demo_trains_a_missing_lm_beside_stage_1(tmp_path, monkeypatch):
     # a second run finds every backbone cached: no LM phase at all
     assert main(["demo", "--out", str(tmp_path / "again"), "--fast"]) == 0
     assert "LM (beside stage 1)" not in json.loads((tmp_path / "again" / "metrics.json").read_text())["seconds"]
+
+
+@pytest.mark.slow
+def test_demo_one_job_after_the_other(tmp_path, monkeypatch):
+    """QFORMER_SIDE_BY_SIDE=0: no side jobs; the ablation and the retrieval evaluation get their own
+    phases and the metrics are the same set."""
+    monkeypatch.setenv("QFORMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QFORMER_SIDE_BY_SIDE", "0")
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--fast"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert {"ablation: stage 2 without stage 1, and its captions", "retrieval evaluation"} <= set(metrics["seconds"])
+    assert not (out / "stage2_without_stage1.log").exists()
+    assert {"i2t_r1", "t2i_r1"} <= set(metrics["retrieval"]["itm"]) and "compositional" in metrics
