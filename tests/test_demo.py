@@ -94,3 +94,23 @@ def test_demo_one_job_after_the_other(tmp_path, monkeypatch):
     assert {"ablation: stage 2 without stage 1, and its captions", "retrieval evaluation"} <= set(metrics["seconds"])
     assert not (out / "stage2_without_stage1.log").exists()
     assert {"i2t_r1", "t2i_r1"} <= set(metrics["retrieval"]["itm"]) and "compositional" in metrics
+
+
+def test_demo_qformer_starts_its_fresh_layers_at_the_width_scaled_std(tmp_path):
+    """Both stages (and the ablation's fresh arm) build the Q-Former with DemoSettings.INIT_STD:
+    its cross-attention and queries start at that std, not at bert-base's 0.02."""
+    import torch
+
+    from qformer.config import QFormerConfig
+    from qformer.demo import DemoPlan, DemoSettings
+    from qformer.stage1 import Stage1Model
+
+    settings = DemoSettings(tmp_path, DemoPlan(), seed=0, llm_dir="", vision={}, tokenizer_dir=tmp_path,
+                            stage2_data=tmp_path / "s2.json")  # fmt: skip
+    assert settings.stage1(tmp_path / "s1", 10).qformer["initializer_range"] == DemoSettings.INIT_STD == 0.05
+    assert settings.stage2(tmp_path / "s2", None, 10).qformer["initializer_range"] == 0.05
+    torch.manual_seed(0)
+    model = Stage1Model(QFormerConfig.from_name("tiny", vision_width=128, **settings.qformer))
+    cross = torch.cat([layer.cross_attn.k.weight.flatten() for layer in model.qformer.layers])
+    assert abs(cross.std().item() - 0.05) < 0.002
+    assert abs(model.qformer.query_tokens.std().item() - 0.05) < 0.01
