@@ -36,9 +36,10 @@ class DemoPlan:
     n_train: int = 5000
     n_test: int = 500
     n_compositional: int = 200
-    # 550 steps: with the width-scaled init below ITM leaves its plateau by ~step 200 (measured
-    # on two ViTs: ITM R@1 >= 0.93 both ways, captions 0.888 / 0.900 after stage 2), and the first
-    # run keeps a margin under 10 minutes (700 steps took it to 622 s)
+    # 550 steps: with the width-scaled init below ITM leaves its plateau by ~step 200, and the
+    # first run keeps a margin under 10 minutes (531 s; 700 steps took it to 622 s). ITM after
+    # 550 steps: 0.938 / 0.937 and 0.934 / 0.953 on two ViTs' cached features, but 0.904 / 0.882
+    # in that 531-s run (625 steps on its ViT: 0.930 / 0.920; see the README)
     stage1_steps: int = 550
     stage1_batch_size: int = 64
     # measured on two ViTs (see the README): stage 1 at 1e-3 leaves stage 2 a better start than
