@@ -36,11 +36,11 @@ class DemoPlan:
     n_train: int = 5000
     n_test: int = 500
     n_compositional: int = 200
-    # 550 steps: with the width-scaled init below ITM leaves its plateau by ~step 200, and the
-    # first run keeps a margin under 10 minutes (531 s; 700 steps took it to 622 s). ITM after
-    # 550 steps: 0.938 / 0.937 and 0.934 / 0.953 on two ViTs' cached features, but 0.904 / 0.882
-    # in that 531-s run (625 steps on its ViT: 0.930 / 0.920; see the README)
-    stage1_steps: int = 550
+    # 625 steps: with the width-scaled init below ITM leaves its plateau by ~step 200. 550 steps
+    # gave a 531-s first run whose ITM missed 0.90 text->image (0.904 / 0.882); 625 gave runs of
+    # 533 s (ITM 0.906 / 0.903) and 732 s on a slower, loaded machine (0.934 / 0.962; every
+    # phase about 1.4x slower); 700 took 622 s. See the README.
+    stage1_steps: int = 625
     stage1_batch_size: int = 64
     # measured on two ViTs (see the README): stage 1 at 1e-3 leaves stage 2 a better start than
     # at 2e-3 (700 steps; captions all right 0.896 / 0.880 against 0.872 / 0.818 after stage 2)
