@@ -38,8 +38,8 @@ class DemoPlan:
     n_compositional: int = 200
     # 625 steps: with the width-scaled init below ITM leaves its plateau by ~step 200. 550 steps
     # gave a 531-s first run whose ITM missed 0.90 text->image (0.904 / 0.882); 625 gave runs of
-    # 533 s (ITM 0.906 / 0.903) and 732 s on a slower, loaded machine (0.934 / 0.962; every
-    # phase about 1.4x slower); 700 took 622 s. See the README.
+    # 533 s (ITM 0.906 / 0.903) and 732 s on a slower machine (0.934 / 0.962; every phase,
+    # the backbones included, about 1.4x slower); 700 took 622 s. See the README.
     stage1_steps: int = 625
     stage1_batch_size: int = 64
     # measured on two ViTs (see the README): stage 1 at 1e-3 leaves stage 2 a better start than
