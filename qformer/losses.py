@@ -141,6 +141,7 @@ def sample_itm_negatives(
     exclude: Tensor | None = None,
     hardest: bool = False,
     generator: torch.Generator | None = None,
+    pool_ids: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Pick one hard negative text per local image and one hard negative image per local text.
 
@@ -148,11 +149,20 @@ def sample_itm_negatives(
     positive pair (the item itself, or any item with the same image id) excluded, and the pairs
     marked in `exclude` (b, B) too (e.g. items whose caption is the same text). `hardest=True`
     takes the most similar negative instead of sampling (deterministic; used to compare runs).
-    Returns (neg_text_for_image, neg_image_for_text), each (b,) indices into the world batch.
+    `pool_ids` (P,): image ids of P more candidates (a negative pool of earlier batches) whose
+    similarities are the last P columns of `sim_i2t` / `sim_t2i`; those sharing an image id with
+    the item are excluded too (`image_ids` is then required).
+    Returns (neg_text_for_image, neg_image_for_text), each (b,) indices into the world batch
+    followed by the pool (an index >= B - P is pool item index - (B - P)).
     """
     rank, _ = rank_and_world()
     b, B = sim_i2t.shape
-    pos = positive_pairs(b, B, rank, image_ids).to(sim_i2t.device)
+    P = 0 if pool_ids is None else pool_ids.shape[0]
+    if P and image_ids is None:
+        raise ValueError("A negative pool (`pool_ids`) needs `image_ids`, to tell its positives from its negatives.")
+    pos = positive_pairs(b, B - P, rank, image_ids).to(sim_i2t.device)
+    if P:
+        pos = torch.cat([pos, image_ids[:, None].to(pos.device) == pool_ids[None, :].to(pos.device)], dim=1)
     if exclude is not None:
         pos = pos | exclude.to(pos.device)
     if bool(pos.all(dim=1).any()):

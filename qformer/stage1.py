@@ -49,6 +49,50 @@ class LMHead(nn.Module):
         return F.linear(h, word_embeddings, self.bias)  # (b, t, V)
 
 
+def _pad_right(x: Tensor, length: int, value: int) -> Tensor:
+    return F.pad(x, (0, length - x.shape[1]), value=value) if x.shape[1] < length else x
+
+
+class NegativePool:
+    """The last `size` training items of this process, kept without gradient as more candidates for
+    ITM's hard negatives: their frozen tokens, text, image id, and the ITC features they had when
+    they were trained on (a few steps stale; used only to choose negatives, never in a loss).
+
+    In-batch mining only finds a negative that differs from the positive in one detail when the
+    batch happens to hold one; BLIP-2 draws from a batch gathered over 16 GPUs (1,600 pairs). A
+    pool gives a small batch that reach. It is not saved with checkpoints: a resumed run refills it.
+    """
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError(f"A negative pool needs a size of at least 1, got {size}")
+        self.size = size
+        self.items: dict[str, Tensor] | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.items is None else self.items["image_ids"].shape[0]
+
+    def __getattr__(self, name: str) -> Tensor:
+        items = self.__dict__.get("items")
+        if items is None or name not in items:
+            raise AttributeError(name)
+        return items[name]
+
+    @torch.no_grad()
+    def push(self, *, tokens: Tensor, input_ids: Tensor, text_mask: Tensor, image_ids: Tensor,
+             image_feats: Tensor, text_feats: Tensor, pad_token_id: int) -> None:  # fmt: skip
+        new = dict(tokens=tokens, input_ids=input_ids, text_mask=text_mask, image_ids=image_ids,
+                   image_feats=image_feats.float(), text_feats=text_feats.float())  # fmt: skip
+        new = {k: v.detach() for k, v in new.items()}
+        if self.items is not None:
+            length = max(new["input_ids"].shape[1], self.items["input_ids"].shape[1])
+            for items in (new, self.items):
+                items["input_ids"] = _pad_right(items["input_ids"], length, pad_token_id)
+                items["text_mask"] = _pad_right(items["text_mask"], length, 0)
+            new = {k: torch.cat([self.items[k], v]) for k, v in new.items()}
+        self.items = {k: v[-self.size :] for k, v in new.items()}
+
+
 class Stage1Model(nn.Module):
     def __init__(
         self,
@@ -59,10 +103,13 @@ class Stage1Model(nn.Module):
         label_smoothing: float = 0.1,
         reuse_image_kv: bool = True,
         reuse_query_cache: bool = True,
+        itm_negative_pool: int = 0,
     ) -> None:
         """
         itm_negatives: "sample" draws ITM negatives from softmax(similarity) as the original;
             "hardest" takes the most similar one (deterministic, to compare runs).
+        itm_negative_pool: in training, ITM also draws its negatives from this many items of earlier
+            batches (`NegativePool`; 0: from the batch alone, as the original). Needs `image_ids`.
         itc_gather_grad: gather other ranks' ITC features with gradient (the original: without).
         reuse_image_kv / reuse_query_cache: the two reuses that make a step cheaper (see
             `qformer.model`); turning them off recomputes everything and must give the same losses.
@@ -76,6 +123,8 @@ class Stage1Model(nn.Module):
         self.label_smoothing = label_smoothing
         self.reuse_image_kv = reuse_image_kv
         self.reuse_query_cache = reuse_query_cache
+        self.itm_negative_pool = itm_negative_pool
+        self.negative_pool = NegativePool(itm_negative_pool) if itm_negative_pool else None
 
         d = config.hidden_size
         self.ln_vision = nn.LayerNorm(config.vision_width, eps=config.vision_layer_norm_eps)  # fp32
@@ -172,18 +221,34 @@ class Stage1Model(nn.Module):
             gather_grad=self.itc_gather_grad,
         )
 
-        # step 5: ITM on [positive pairs; (image, negative text); (negative image, text)]
+        # step 5: ITM on [positive pairs; (image, negative text); (negative image, text)], the
+        # negatives drawn from the world batch and, with a negative pool, from earlier batches too
+        pool = self.negative_pool if self.training else None
+        if pool is not None and image_ids is None:
+            raise ValueError("`itm_negative_pool` needs `image_ids`, to tell the pool's positives from its negatives.")
+        sim_i2t, sim_t2i, pool_ids = itc.sim_i2t, itc.sim_t2i, None
+        ids_all, mask_all = gather_no_grad(input_ids), gather_no_grad(text_mask)
+        pos_ids, pos_mask = input_ids, text_mask
+        if pool is not None and len(pool):
+            with torch.no_grad():
+                sim_i2t = torch.cat([sim_i2t.float(), self.itc_scores(image_feats.float(), pool.text_feats) / self.temp], 1)
+                sim_t2i = torch.cat([sim_t2i.float(), self.itc_scores(pool.image_feats, text_feat.float()).t() / self.temp], 1)
+            pool_ids = pool.image_ids
+            length = max(ids_all.shape[1], pool.input_ids.shape[1])
+            ids_all = torch.cat([_pad_right(ids_all, length, cfg.pad_token_id), _pad_right(pool.input_ids, length, cfg.pad_token_id)])
+            mask_all = torch.cat([_pad_right(mask_all, length, 0), _pad_right(pool.text_mask, length, 0)])
+            pos_ids, pos_mask = _pad_right(input_ids, length, cfg.pad_token_id), _pad_right(text_mask, length, 0)
         neg_text, neg_image = sample_itm_negatives(
-            itc.sim_i2t,
-            itc.sim_t2i,
+            sim_i2t,
+            sim_t2i,
             image_ids=image_ids,
             hardest=self.itm_negatives == "hardest",
             generator=generator,
+            pool_ids=pool_ids,
         )
-        ids_all, mask_all = gather_no_grad(input_ids), gather_no_grad(text_mask)
-        itm_ids = torch.cat([input_ids, input_ids, ids_all[neg_text]], dim=0)  # (3b, t)
-        itm_text_mask = torch.cat([text_mask, text_mask, mask_all[neg_text]], dim=0)
-        itm_kv = self._itm_image_kv(image, image_kv, neg_image)
+        itm_ids = torch.cat([pos_ids, pos_ids, ids_all[neg_text]], dim=0)  # (3b, t)
+        itm_text_mask = torch.cat([pos_mask, pos_mask, mask_all[neg_text]], dim=0)
+        itm_kv = self._itm_image_kv(image, image_kv, neg_image, pool.tokens if pool_ids is not None else None)
         itm_pass = qformer(
             input_ids=itm_ids,
             mask=masks.bidirectional_mask(q, itm_text_mask),
@@ -210,18 +275,30 @@ class Stage1Model(nn.Module):
         lm_logits = self.lm_head(itg_pass.text_output, qformer.embeddings.word.weight)  # (b, t, V)
         itg = itg_loss(lm_logits, labels, label_smoothing=self.label_smoothing)
 
+        if pool is not None:  # after drawing from it: an item is never its own pool negative
+            pool.push(tokens=image_embeds, input_ids=input_ids, text_mask=text_mask, image_ids=image_ids,
+                      image_feats=image_feats, text_feats=text_feat, pad_token_id=cfg.pad_token_id)  # fmt: skip
         return {"itc": itc.loss, "itm": itm, "itg": itg, "loss": itc.loss + itm + itg}
 
-    def _itm_image_kv(self, image: Tensor, image_kv: list[KV | None] | None, neg_image: Tensor):
-        """Cross-attention input for the ITM batch: images [pos; neg; pos] against texts [pos; pos; neg]."""
+    def _itm_image_kv(self, image: Tensor, image_kv: list[KV | None] | None, neg_image: Tensor,
+                      pool_tokens: Tensor | None = None):  # fmt: skip
+        """Cross-attention input for the ITM batch: images [pos; neg; pos] against texts [pos; pos; neg].
+        `neg_image` indexes the world batch, then `pool_tokens` (frozen tokens of a negative pool)."""
         _, world = rank_and_world()
-        if image_kv is None:  # no reuse: project the 3b images again
-            images_all = gather_with_grad(image)
-            return self.qformer.image_kv(torch.cat([image, images_all[neg_image], image], dim=0))
-        if world == 1:  # negatives are local images: reuse their keys/values
+        if image_kv is not None and world == 1 and pool_tokens is None:
+            # negatives are local images: reuse their keys/values
             neg_kv = [None if kv is None else (kv[0][neg_image], kv[1][neg_image]) for kv in image_kv]
-        else:  # negatives may live on other ranks: gather their tokens (with gradient), project them
-            neg_kv = self.qformer.image_kv(gather_with_grad(image)[neg_image])
+        else:
+            # negatives may live on other ranks (gather their tokens, with gradient) or in the pool
+            images_all = gather_with_grad(image)
+            neg = images_all[neg_image.clamp(max=images_all.shape[0] - 1)]
+            if pool_tokens is not None:
+                from_pool = neg_image >= images_all.shape[0]
+                neg = neg.clone()
+                neg[from_pool] = self.vision_tokens(pool_tokens[neg_image[from_pool] - images_all.shape[0]]).to(neg.dtype)
+            if image_kv is None:  # no reuse: project the 3b images again
+                return self.qformer.image_kv(torch.cat([image, neg, image], dim=0))
+            neg_kv = self.qformer.image_kv(neg)
         return [
             None if kv is None else (torch.cat([kv[0], nk[0], kv[0]]), torch.cat([kv[1], nk[1], kv[1]]))
             for kv, nk in zip(image_kv, neg_kv)
@@ -235,6 +312,7 @@ class Stage1Model(nn.Module):
             "itm_negatives": self.itm_negatives,
             "itc_gather_grad": self.itc_gather_grad,
             "label_smoothing": self.label_smoothing,
+            "itm_negative_pool": self.itm_negative_pool,
         }
 
     def save_pretrained(self, directory: str | Path, *, extra: dict | None = None) -> Path:

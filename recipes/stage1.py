@@ -45,6 +45,9 @@ class Stage1Settings(common.TrainSettings):
     qformer: dict[str, Any] = field(default_factory=dict)
     max_text_len: int = 32
     itm_negatives: Literal["sample", "hardest"] = "sample"
+    # ITM also draws negatives from this many items of earlier batches (0: the batch alone, as the
+    # original, whose batch is gathered over 16 GPUs); see `qformer.stage1.NegativePool`
+    itm_negative_pool: int = 0
     itc_gather_grad: bool = False  # the original gathers ITC features without gradient
     # captions of the same image, or of records with the same `group`, are not each other's negatives
     use_image_ids: bool = True
@@ -55,6 +58,10 @@ class Stage1Settings(common.TrainSettings):
             p.append("without `bert`, set `tokenizer` (a BERT-style tokenizer to add [DEC] to)")
         if self.feature_cache is None and not self.vision:
             p.append("set `vision` (the frozen tower) or `feature_cache`")
+        if self.itm_negative_pool < 0:
+            p.append(f"`itm_negative_pool` must be 0 (off) or a number of items, got {self.itm_negative_pool}")
+        if self.itm_negative_pool and not self.use_image_ids:
+            p.append("`itm_negative_pool` needs `use_image_ids: true` (to keep an image's own captions out of its negatives)")
         return p
 
 
@@ -107,7 +114,8 @@ class Stage1Recipe:
                     **s.qformer,
                 },
             )
-        model = Stage1Model(config, itm_negatives=s.itm_negatives, itc_gather_grad=s.itc_gather_grad)
+        model = Stage1Model(config, itm_negatives=s.itm_negatives, itc_gather_grad=s.itc_gather_grad,
+                            itm_negative_pool=s.itm_negative_pool)  # fmt: skip
         if s.bert:
             report = init_from_bert(model, s.bert)
             if acc.is_main_process:

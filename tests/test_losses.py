@@ -103,6 +103,20 @@ def test_sampled_negatives_never_positive_and_follow_softmax():
     assert counts[0, 1].item() / 3000 == pytest.approx(p, abs=0.03)
 
 
+def test_pool_negatives_skip_the_items_own_image_id_and_index_after_the_batch():
+    # 2 batch items (ids 1, 2) and a pool of 3 (ids 1, 3, 2): pool column 0 shows item 0's image
+    sim = torch.tensor([[9.0, 1.0, 8.0, 2.0, 0.0], [1.0, 9.0, 0.0, 3.0, 8.5]])
+    ids, pool_ids = torch.tensor([1, 2]), torch.tensor([1, 3, 2])
+    neg_text, neg_image = sample_itm_negatives(sim, sim.clone(), image_ids=ids, pool_ids=pool_ids, hardest=True)
+    assert neg_text.tolist() == [3, 3]  # pool item 1 (index 2 + 1); never pool 0 (item 0) or pool 2 (item 1)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(200):
+        drawn, _ = sample_itm_negatives(sim, sim, image_ids=ids, pool_ids=pool_ids, generator=gen)
+        assert drawn[0].item() not in (0, 2) and drawn[1].item() not in (1, 4)
+    with pytest.raises(ValueError, match="needs `image_ids`"):
+        sample_itm_negatives(sim, sim, pool_ids=pool_ids)
+
+
 def test_itm_needs_two_distinct_images():
     sim = torch.zeros(2, 2)
     with pytest.raises(ValueError, match="two distinct images"):

@@ -108,6 +108,60 @@ def test_image_ids_in_the_batch():
     assert all(torch.isfinite(v) for v in out.values())
 
 
+def test_negative_pool_keeps_the_last_items_and_pads_their_text():
+    from qformer.stage1 import NegativePool
+
+    pool = NegativePool(5)
+    for k, t in ((3, 4), (3, 6), (2, 5)):  # 8 items pushed, texts of three lengths
+        pool.push(tokens=torch.full((k, 2, 3), float(t)), input_ids=torch.full((k, t), 7), text_mask=torch.ones(k, t),
+                  image_ids=torch.arange(k) + 10 * t, image_feats=torch.zeros(k, 2, 4), text_feats=torch.zeros(k, 4),
+                  pad_token_id=0)  # fmt: skip
+    assert len(pool) == 5
+    assert pool.image_ids.tolist() == [60, 61, 62, 50, 51]
+    assert pool.input_ids.shape == (5, 6) and pool.text_mask.shape == (5, 6)
+    assert pool.input_ids[3].tolist() == [7] * 5 + [0] and pool.text_mask[3].tolist() == [1] * 5 + [0]
+    assert pool.tokens[:, 0, 0].tolist() == [6, 6, 6, 5, 5]
+
+
+def test_itm_with_a_negative_pool_equals_the_loss_by_hand():
+    # pool of one item: batch 1 holds images X, Y (Y is what the pool keeps); batch 2 holds two
+    # captions of one image group, so its only possible ITM negative is Y, text and image
+    torch.manual_seed(0)
+    model = Stage1Model(CFG, itm_negative_pool=1).train()
+    image1, ids1, mask1 = (x[:2] for x in batch(b=3, t=5, seed=1))
+    model(image1, ids1, mask1, image_ids=torch.tensor([0, 1]))
+    assert len(model.negative_pool) == 1 and model.negative_pool.image_ids.tolist() == [1]
+    image2, ids2, mask2 = (x[:2] for x in batch(b=3, t=7, seed=2))
+    out = model(image2, ids2, mask2, image_ids=torch.tensor([5, 5]))
+
+    def padded(x, t):
+        return torch.cat([x, torch.zeros(x.shape[0], t - x.shape[1], dtype=x.dtype)], dim=1)
+
+    y_ids, y_mask = padded(ids1[1:], 7).expand(2, 7), padded(mask1[1:], 7).expand(2, 7)
+    y_img = image1[1:].expand(2, -1, -1)
+    logits = torch.cat([
+        model.itm_logits(image2, ids2, mask2),  # positives
+        model.itm_logits(y_img, ids2, mask2),  # (negative image, text)
+        model.itm_logits(image2, y_ids, y_mask),  # (image, negative text)
+    ])  # fmt: skip
+    by_hand = torch.nn.functional.cross_entropy(logits, torch.tensor([1, 1, 0, 0, 0, 0]))
+    torch.testing.assert_close(out["itm"], by_hand, rtol=1e-5, atol=1e-6)
+    out["itm"].backward()  # the pool image's LayerNorm path carries gradient too
+    assert model.ln_vision.weight.grad.abs().sum() > 0
+    # without the pool the same batch has no negative at all
+    with pytest.raises(ValueError, match="two distinct images"):
+        Stage1Model(CFG)(image2, ids2, mask2, image_ids=torch.tensor([5, 5]))
+
+
+def test_negative_pool_is_off_in_eval_and_needs_image_ids():
+    model = Stage1Model(CFG, itm_negative_pool=4)
+    image, ids, mask = batch()
+    with pytest.raises(ValueError, match="needs `image_ids`"):
+        model(image, ids, mask)
+    model.eval()(image, ids, mask)
+    assert len(model.negative_pool) == 0
+
+
 # ---------------------------------------------------------------- bad input
 def test_wrong_image_width_is_named():
     model = Stage1Model(CFG)
