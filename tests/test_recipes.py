@@ -411,3 +411,13 @@ def test_stage2_trains_answers_after_their_question_in_the_vqa_template(world, s
         other = model(batch["caption"], pixel_values=batch["pixel_values"], prompts=["a photo of"] * 4,
                       max_length=settings.max_text_len)["loss"]  # fmt: skip
     assert torch.equal(got, want) and not torch.equal(got, other)
+
+
+def test_negative_pool_settings_are_checked():
+    from recipes.stage1 import Stage1Settings
+
+    ok = Stage1Settings(output_dir="o", train_data="x.json", itm_negative_pool=256)
+    assert not any("itm_negative_pool" in p for p in ok.problems())
+    assert any("itm_negative_pool` needs `use_image_ids" in p
+               for p in Stage1Settings(output_dir="o", train_data="x.json", itm_negative_pool=8, use_image_ids=False).problems())  # fmt: skip
+    assert any("must be 0 (off)" in p for p in Stage1Settings(output_dir="o", train_data="x.json", itm_negative_pool=-1).problems())
