@@ -339,6 +339,12 @@ def run_demo(
         metrics["caption"] = {k: caption[k] for k in ("bleu4", "cider", "exact_match")}
         metrics["vqa"] = {k: vqa[k] for k in ("accuracy", "by_type")}
         metrics["ablation"] = {"without_stage1": {"caption": ablation["caption"]}}
+        # the frozen LM's own ceiling: its greedy captions and answers given the TRUE scene words in
+        # place of the soft prompt. The gap to the numbers above is what the Q-Former leaves out.
+        from qformer.world.backbones import evaluate_world_lm
+
+        ceiling = evaluate_world_lm(backbones["llm_dir"], world, num_queries=plan.num_queries, n=16 if fast else 200)
+        metrics["llm_from_true_scene"] = {k: ceiling[k] for k in ("caption_all_correct", "vqa_accuracy")}
         comp = test_sets["compositional"]
         if "compositional" in retrieval_by_set:
             c_ret = retrieval_by_set["compositional"]
@@ -527,6 +533,10 @@ def print_table(metrics: dict[str, Any]) -> None:
          f"{metrics['vqa']['accuracy']:.3f}"),
         ("ablation: CIDEr without stage 1", f"{metrics['ablation']['without_stage1']['caption']['cider']:.3f}"),
     ]
+    if "llm_from_true_scene" in metrics:  # the frozen LM's ceiling (absent from older metrics files)
+        lm = metrics["llm_from_true_scene"]
+        rows.append(("frozen LM from the true scene words: captions / VQA",
+                     f"{lm['caption_all_correct']:.3f} / {lm['vqa_accuracy']:.3f}"))  # fmt: skip
     if "compositional" in metrics:
         c = metrics["compositional"]
         rows += [

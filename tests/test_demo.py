@@ -55,6 +55,8 @@ def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
     assert {"bleu4", "cider", "exact_match"} <= set(metrics["caption"])
     assert 0 <= metrics["vqa"]["accuracy"] <= 1
     assert "cider" in metrics["ablation"]["without_stage1"]["caption"]
+    ceiling = metrics["llm_from_true_scene"]  # the frozen LM's own captions and answers from the true scene words
+    assert 0 <= ceiling["caption_all_correct"] <= 1 and 0 <= ceiling["vqa_accuracy"] <= 1
     assert {"data", "backbones", "stage 1", "stage 2", "evaluation", "total"} <= set(metrics["seconds"])
     assert metrics["seconds"]["ablation: stage 2 without stage 1, and its captions (beside stage 1)"] > 0
     assert metrics["seconds"]["retrieval evaluation (beside stage 2)"] > 0
