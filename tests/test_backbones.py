@@ -142,3 +142,15 @@ def test_world_bert_learns_the_masked_words_and_its_tokenizer_covers_the_world(t
     (world / "train.json").write_text(json.dumps(records))
     with pytest.raises(ValueError, match="zebra"):
         check_tokenizer_covers(out, world)
+
+
+def test_epoch_order_keeps_twins_in_one_batch():
+    from qformer.world.backbones import epoch_order
+
+    g = torch.Generator().manual_seed(0)
+    order = epoch_order(40, g, paired=True)
+    assert sorted(order.tolist()) == list(range(40))
+    assert (order[0::2] % 2 == 0).all() and (order[1::2] == order[0::2] + 1).all()
+    assert order[0::2].tolist() != sorted(order[0::2].tolist())  # shuffled, pairs and all
+    plain = epoch_order(40, torch.Generator().manual_seed(0))
+    assert sorted(plain.tolist()) == list(range(40)) and not (plain[1::2] == plain[0::2] + 1).all()

@@ -225,11 +225,42 @@ def test_noisy_captions_describe_another_scene(which, fraction, request):
         assert not any(r["noisy"] for r in load_split(out, split))
 
 
+@pytest.mark.parametrize("level", ["simple", "full"])
+def test_twins_differ_in_exactly_one_shape(tmp_path, level):
+    world = generate_world(tmp_path, level=level, n_train=60, n_test=4, n_compositional=0, seed=3, twins=True)
+    assert world["twins"] is True
+    train = load_split(tmp_path, "train")
+    for first, second in zip(train[0::2], train[1::2]):
+        a, b = _scene(first), _scene(second)
+        assert [(o.colour, o.size, o.position) for o in a.objects] == [(o.colour, o.size, o.position) for o in b.objects]
+        assert sum(x.shape != y.shape for x, y in zip(a.objects, b.objects)) == 1, (a.key(), b.key())
+        assert not {(o.colour, o.shape) for o in b.objects} & DEFAULT_HOLDOUT
+        assert all_correct(first["caption"], a) and all_correct(second["caption"], b)
+        assert (tmp_path / first["image"]).read_bytes() != (tmp_path / second["image"]).read_bytes()
+    # the pairs are independent draws, and the test split is the one a world without twins has
+    assert len({r["scene_key"] for r in train[0::2]}) > 25
+    plain = generate_world(tmp_path / "plain", level=level, n_train=2, n_test=4, n_compositional=0, seed=3)
+    assert load_split(tmp_path, "test") == load_split(tmp_path / "plain", "test") and plain["twins"] is False
+
+
+def test_shape_twin_refuses_a_scene_with_no_allowed_change():
+    scene = Scene((Obj("circle", "red", "small", "centre"),))
+    every_other = frozenset(("red", s) for s in SHAPES if s != "circle")
+    with pytest.raises(ValueError, match="held-out"):
+        sw.shape_twin(scene, random.Random(0), holdout=every_other)
+    assert sw.shape_twin(scene, random.Random(0), holdout=every_other - {("red", "star")}).objects[0].shape == "star"
+
+
 def test_generate_world_reports_every_bad_setting(tmp_path):
     with pytest.raises(ValueError) as info:
         generate_world(tmp_path, level="hard", n_train=-1, noise_fraction=1.5, holdout={("pink", "star")})
     message = str(info.value)
     for name in ("`level`", "`n_train`", "`noise_fraction`", "`holdout`"):
+        assert name in message
+    with pytest.raises(ValueError) as info:
+        generate_world(tmp_path, n_train=7, twins=True)
+    message = str(info.value)
+    for name in ("`twins`", "`n_train`", "even"):
         assert name in message
 
 

@@ -521,12 +521,32 @@ def _holdout_problems(holdout: frozenset[tuple[str, str]]) -> list[str]:
     return p
 
 
+def shape_twin(scene: Scene, rng: random.Random, *, holdout: frozenset[tuple[str, str]] = DEFAULT_HOLDOUT) -> Scene:
+    """`scene` with one object's shape changed to another, all else kept: the hard negative a
+    contrastive batch needs for the model to learn shape, the attribute hardest to see at 64x64
+    (a small object spans 11 pixels). The new (colour, shape) pair is never a held-out one."""
+    objects = list(scene.objects)
+    for i in rng.sample(range(len(objects)), len(objects)):
+        o = objects[i]
+        others = [s for s in SHAPES if s != o.shape and (o.colour, s) not in holdout]
+        if others:
+            objects[i] = Obj(rng.choice(others), o.colour, o.size, o.position)
+            return Scene(tuple(objects))
+    raise ValueError(f"no object of {scene.key()!r} can change its shape without a held-out pair")
+
+
 def _make_item(
     split: str, index: int, *, level: Level, seed: int, image_size: int, holdout: frozenset[tuple[str, str]],
-    noisy: bool, n_references: int,
+    noisy: bool, n_references: int, twins: bool = False,
 ) -> tuple[dict[str, Any], Image.Image]:  # fmt: skip
-    rng = random.Random(f"{seed}/{split}/{index}")
-    scene = sample_scene(level, rng, holdout=holdout, compositional=split == "compositional_test")
+    if twins and split == "train":  # items 2k and 2k + 1: one scene and its shape twin, each drawn afresh
+        scene = sample_scene(level, random.Random(f"{seed}/{split}/{index - index % 2}/scene"), holdout=holdout)
+        if index % 2:
+            scene = shape_twin(scene, random.Random(f"{seed}/{split}/{index}/twin"), holdout=holdout)
+        rng = random.Random(f"{seed}/{split}/{index}")
+    else:
+        rng = random.Random(f"{seed}/{split}/{index}")
+        scene = sample_scene(level, rng, holdout=holdout, compositional=split == "compositional_test")
     image = render(scene, rng, image_size)
     text: str | list[str]
     if split != "train":
@@ -570,6 +590,7 @@ def generate_world(
     noise_fraction: float = 0.0,
     holdout: Iterable[tuple[str, str]] = DEFAULT_HOLDOUT,
     n_references: int = 5,
+    twins: bool = False,
 ) -> dict[str, Any]:
     """Write a ShapesWorld to `out_dir` and return its description (also in `world.json`).
 
@@ -577,6 +598,9 @@ def generate_world(
     of records; `train` records carry one caption (a string), the two test splits a list of
     `n_references` reference captions. `noise_fraction` of the training records, exactly
     round(noise_fraction * n_train) of them, get the caption of another scene and `"noisy": true`.
+    `twins=True` writes the training split in pairs: items 2k and 2k + 1 show one scene and its
+    `shape_twin` (one object's shape changed), for contrastive training that keeps each pair in one
+    batch (`backbones.train_world_vit` does when `world.json` says `"twins": true`).
     The same arguments give the same files, byte for byte."""
     holdout = frozenset(tuple(pair) for pair in holdout)  # type: ignore[misc]
     problems = _holdout_problems(holdout)
@@ -593,6 +617,8 @@ def generate_world(
         problems.append(f"`noise_fraction` must be in [0, 1), got {noise_fraction!r}")
     if n_compositional > 0 and not holdout:
         problems.append("`n_compositional` > 0 needs held-out pairs: pass `holdout` or set `n_compositional=0`")
+    if twins and isinstance(n_train, int) and n_train % 2:
+        problems.append(f"`twins` writes the training split in pairs: `n_train` must be even, got {n_train}")
     if problems:
         raise ValueError("Invalid ShapesWorld settings:\n  - " + "\n  - ".join(problems))
 
@@ -605,7 +631,7 @@ def generate_world(
         for i in range(n):
             record, image = _make_item(
                 split, i, level=level, seed=seed, image_size=image_size, holdout=holdout,
-                noisy=split == "train" and i in noisy, n_references=n_references,
+                noisy=split == "train" and i in noisy, n_references=n_references, twins=twins,
             )  # fmt: skip
             image.save(out / record["image"], format="PNG")
             records.append(record)
@@ -621,6 +647,7 @@ def generate_world(
         "n_noisy": len(noisy),
         "holdout": [list(pair) for pair in sorted(holdout)],
         "n_references": n_references,
+        "twins": twins,
         "splits": {split: {"file": f"{split}.json", "size": n} for split, n in sizes.items()},
         "vocabulary": {
             "shapes": list(SHAPES),
@@ -707,6 +734,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--noise-fraction", type=float, default=0.0)
+    parser.add_argument("--twins", action="store_true",
+                        help="training items in pairs: a scene, then the same scene with one shape changed")  # fmt: skip
     parser.add_argument(
         "--holdout", default=",".join(f"{c} {s}" for c, s in sorted(DEFAULT_HOLDOUT)),
         help="held-out 'colour shape' pairs, comma separated; '' for none",
@@ -718,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     world = generate_world(
         args.out_dir, level=args.level, n_train=args.n_train, n_test=args.n_test,
         n_compositional=args.n_compositional, image_size=args.image_size, seed=args.seed,
-        noise_fraction=args.noise_fraction, holdout=holdout,  # type: ignore[arg-type]
+        noise_fraction=args.noise_fraction, holdout=holdout, twins=args.twins,  # type: ignore[arg-type]
     )  # fmt: skip
     n_items = sum(s["size"] for s in world["splits"].values())
     print(f"wrote {n_items} items to {args.out_dir} in {time.perf_counter() - start:.1f} s")
