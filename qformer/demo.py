@@ -39,10 +39,10 @@ class DemoPlan:
     # 625 steps: with the width-scaled init below ITM leaves its plateau by ~step 200. 550 steps
     # gave a 531-s first run whose ITM missed 0.90 text->image (0.904 / 0.882); 625 gave runs of
     # 533 s (ITM 0.906 / 0.903) and 732 s on a slower machine (0.934 / 0.962; every phase,
-    # the backbones included, about 1.4x slower); 700 took 622 s. See the README.
+    # the backbones included, about 1.4x slower); 700 took 622 s. See docs/demo_history.md.
     stage1_steps: int = 625
     stage1_batch_size: int = 64
-    # measured on two ViTs (see the README): stage 1 at 1e-3 leaves stage 2 a better start than
+    # measured on two ViTs (see docs/demo_history.md): stage 1 at 1e-3 leaves stage 2 a better start than
     # at 2e-3 (700 steps; captions all right 0.896 / 0.880 against 0.872 / 0.818 after stage 2)
     stage1_lr: float = 1e-3
     stage2_steps: int = 400
