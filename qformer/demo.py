@@ -336,7 +336,7 @@ def run_demo(
         caption = evaluate.evaluate_captions(stage2_model, test, num_beams=plan.num_beams)
         vqa = evaluate.evaluate_vqa(stage2_model, test, num_beams=plan.num_beams)
         metrics["retrieval"] = {k: retrieval[k] for k in ("itc", "itm", "instance", "hit")}
-        metrics["caption"] = {k: caption[k] for k in ("bleu4", "cider", "exact_match")}
+        metrics["caption"] = {k: caption[k] for k in ("bleu4", "cider", "exact_match", "exact_match_by_objects")}
         metrics["vqa"] = {k: vqa[k] for k in ("accuracy", "by_type")}
         metrics["ablation"] = {"without_stage1": {"caption": ablation["caption"]}}
         # the frozen LM's own ceiling: its greedy captions and answers given the TRUE scene words in
@@ -528,6 +528,12 @@ def print_table(metrics: dict[str, Any]) -> None:
         ("retrieval R@1 i2t / t2i (ITC)", f"{r['itc']['i2t_r1']:.3f} / {r['itc']['t2i_r1']:.3f}"),
         ("retrieval R@1 i2t / t2i (ITM re-ranked)", f"{r['itm']['i2t_r1']:.3f} / {r['itm']['t2i_r1']:.3f}"),
         ("captions with every attribute right", f"{metrics['caption']['exact_match']:.3f}"),
+    ]
+    by_objects = metrics["caption"].get("exact_match_by_objects", {})
+    if len(by_objects) > 1:  # the full world: where the captions fail, by objects in the scene
+        rows.append((f"  ... of scenes with {' / '.join(by_objects)} objects",
+                     " / ".join(f"{v:.3f}" for v in by_objects.values())))  # fmt: skip
+    rows += [
         ("caption BLEU-4 / CIDEr", f"{metrics['caption']['bleu4']:.3f} / {metrics['caption']['cider']:.3f}"),
         (f"VQA accuracy ({'trained on QA pairs' if metrics['plan'].get('qa_per_image') else 'zero-shot'})",
          f"{metrics['vqa']['accuracy']:.3f}"),

@@ -144,6 +144,25 @@ def generate_captions(model, records, root: Path, *, batch_size: int = 32, **gen
     return out
 
 
+def caption_exact_match(captions: list[str], records: list[dict[str, Any]]) -> dict[str, Any]:
+    """`exact_match`: the share of `captions` that state their ShapesWorld record's scene exactly
+    (`shapes.all_correct`: every object with every attribute, no object too many or too few,
+    every relation true); `exact_match_by_objects`: the same for the scenes of each object count
+    ({"1": ..., "2": ..., "3": ...}, only the counts present)."""
+    from qformer.world.shapes import Scene, all_correct
+
+    if len(captions) != len(records) or not records:
+        raise ValueError(f"need one caption per record, got {len(captions)} captions for {len(records)} records")
+    by_objects: dict[str, list[bool]] = {}
+    for c, r in zip(captions, records):
+        by_objects.setdefault(str(len(r["scene"])), []).append(all_correct(c, Scene.from_json(r["scene"])))
+    right = [x for v in by_objects.values() for x in v]
+    return {
+        "exact_match": sum(right) / len(right),
+        "exact_match_by_objects": {k: sum(v) / len(v) for k, v in sorted(by_objects.items())},
+    }
+
+
 def evaluate_captions(
     checkpoint: str | Path, data: str | Path, *, num_beams: int = 5, max_new_tokens: int = 30, batch_size: int = 32
 ) -> dict[str, Any]:
@@ -163,10 +182,7 @@ def evaluate_captions(
     scores = caption_scores({i: c for i, c in enumerate(captions)}, {i: references(r) for i, r in enumerate(records)})
     result: dict[str, Any] = {"bleu4": scores["bleu_4"], "cider": scores["cider"], "num_images": len(records)}
     if all("scene" in r for r in records):
-        from qformer.world.shapes import Scene, all_correct
-
-        right = [all_correct(c, Scene.from_json(r["scene"])) for c, r in zip(captions, records)]
-        result["exact_match"] = sum(right) / len(right)
+        result |= caption_exact_match(captions, records)
     result["samples"] = [{"image": r["image"], "caption": c} for r, c in list(zip(records, captions))[:50]]
     return result
 

@@ -53,6 +53,7 @@ def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
     for scores in (metrics["retrieval"]["itc"], metrics["retrieval"]["itm"]):
         assert {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"} <= set(scores)
     assert {"bleu4", "cider", "exact_match"} <= set(metrics["caption"])
+    assert metrics["caption"]["exact_match_by_objects"] == {"1": metrics["caption"]["exact_match"]}  # simple world
     assert 0 <= metrics["vqa"]["accuracy"] <= 1
     assert "cider" in metrics["ablation"]["without_stage1"]["caption"]
     ceiling = metrics["llm_from_true_scene"]  # the frozen LM's own captions and answers from the true scene words
@@ -116,3 +117,22 @@ def test_demo_qformer_starts_its_fresh_layers_at_the_width_scaled_std(tmp_path):
     cross = torch.cat([layer.cross_attn.k.weight.flatten() for layer in model.qformer.layers])
     assert abs(cross.std().item() - 0.05) < 0.002
     assert abs(model.qformer.query_tokens.std().item() - 0.05) < 0.01
+
+
+def test_print_table_breaks_full_world_captions_down_by_objects(capsys):
+    from qformer.demo import print_table
+
+    scores = {"i2t_r1": 0.9, "t2i_r1": 0.8}
+    metrics = {
+        "retrieval": {"itc": scores, "itm": scores}, "plan": {"qa_per_image": 2}, "vqa": {"accuracy": 0.6},
+        "caption": {"exact_match": 0.3, "exact_match_by_objects": {"1": 0.85, "2": 0.14, "3": 0.0}, "bleu4": 0.6,
+                    "cider": 4.0},
+        "ablation": {"without_stage1": {"caption": {"cider": 4.5}}}, "seconds": {"total": 10.0},
+    }  # fmt: skip
+    print_table(metrics)
+    lines = capsys.readouterr().out.splitlines()
+    row = next(line for line in lines if "of scenes with 1 / 2 / 3 objects" in line)
+    assert row.split()[-5:] == ["0.850", "/", "0.140", "/", "0.000"]
+    metrics["caption"]["exact_match_by_objects"] = {"1": 0.3}  # the simple world: no breakdown
+    print_table(metrics)
+    assert "of scenes with" not in capsys.readouterr().out

@@ -355,3 +355,20 @@ def test_zero_shot_classification_is_argmax_itc(model):
     model.eval()
     with torch.no_grad():
         assert torch.equal(pred, direct_itc(model, image, ids, mask).argmax(dim=1))
+
+
+def test_caption_exact_match_by_object_count(tmp_path):
+    from qformer.evaluate import caption_exact_match
+    from qformer.world.shapes import generate_world, load_split
+
+    generate_world(tmp_path, level="full", n_train=0, n_test=60, n_compositional=0, seed=4)
+    records = load_split(tmp_path, "test")
+    counts = [len(r["scene"]) for r in records]
+    assert set(counts) == {1, 2, 3}
+    # a reference states its scene exactly; a one-object caption cannot state a two-object scene
+    captions = [r["caption"][0] if n != 2 else "a small red circle in the centre" for r, n in zip(records, counts)]
+    result = caption_exact_match(captions, records)
+    assert result["exact_match_by_objects"] == {"1": 1.0, "2": 0.0, "3": 1.0}
+    assert result["exact_match"] == pytest.approx(sum(n != 2 for n in counts) / len(counts))
+    with pytest.raises(ValueError, match="one caption per record"):
+        caption_exact_match(captions[:-1], records)

@@ -776,8 +776,10 @@ def vit_settings(level: str, seed: int, fast: bool) -> dict[str, Any]:
         #   the same, 3000 steps                              0.92; 0.96 / 0.98    330 s
         #   the same, text context cut to 16 tokens (simple)   0.92; 0.94 / 0.98    246 s
         #   the same, shape twins                              0.95; 0.97 / 0.99    309 s
+        #   shape twins, 2000 steps                            0.92; 0.96 / 0.99    202 s
+        #   shape twins, 1500 steps                            0.91; 0.94 / 0.96
         # linear probe of shape from an object's own grid token (unseen images; small objects):
-        #   simple world 0.83 (0.69) without twins, 0.91 with;
+        #   simple world 0.83 (0.69) without twins, 0.89 to 0.91 with (0.87 at 2000 steps);
         #   full world, 3000 steps, 10k images without twins 0.72 (0.46);
         #   full world, 1000 steps: 0.65 without twins (10k or 40k images), 0.71 with (10k),
         #   0.73 with (40k); width 192 instead of 128: 0.75, 15% slower; 16x16 patches: worse
