@@ -42,8 +42,9 @@ class DemoPlan:
     # the backbones included, about 1.4x slower); 700 took 622 s. See docs/demo_history.md.
     stage1_steps: int = 625
     stage1_batch_size: int = 64
-    # measured on two ViTs (see docs/demo_history.md): stage 1 at 1e-3 leaves stage 2 a better start than
-    # at 2e-3 (700 steps; captions all right 0.896 / 0.880 against 0.872 / 0.818 after stage 2)
+    # measured on two ViTs (see docs/demo_history.md): stage 1 at 1e-3 leaves stage 2 a better
+    # start than at 2e-3 (700 steps; captions all right 0.896 / 0.880 against 0.872 / 0.818 after
+    # stage 2)
     stage1_lr: float = 1e-3
     stage2_steps: int = 400
     batch_size: int = 64

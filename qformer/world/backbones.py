@@ -287,7 +287,9 @@ def train_world_vit(
     vocab = world["vocabulary"]
     paired = bool(world.get("twins"))
     if paired and batch_size % 2:
-        raise ValueError(f"{world_dir} holds shape twins, trained in pairs: `batch_size` must be even, got {batch_size}")
+        raise ValueError(
+            f"{world_dir} holds shape twins, trained in pairs: `batch_size` must be even, got {batch_size}"
+        )
     words = {w for t in captions for w in _words(t)}
     words |= {w for values in vocab.values() for v in values for w in _words(str(v))}
     text_ids = _CaptionIds(sorted(words), context_length)
