@@ -154,3 +154,9 @@ def test_epoch_order_keeps_twins_in_one_batch():
     assert order[0::2].tolist() != sorted(order[0::2].tolist())  # shuffled, pairs and all
     plain = epoch_order(40, torch.Generator().manual_seed(0))
     assert sorted(plain.tolist()) == list(range(40)) and not (plain[1::2] == plain[0::2] + 1).all()
+
+
+def test_train_world_vit_refuses_an_odd_batch_for_twins(tmp_path):
+    shapes.generate_world(tmp_path / "w", n_train=8, n_test=0, n_compositional=0, image_size=32, twins=True)
+    with pytest.raises(ValueError, match="`batch_size` must be even"):
+        backbones.train_world_vit(tmp_path / "w", tmp_path / "out", steps=1, batch_size=3)
