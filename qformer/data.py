@@ -685,6 +685,10 @@ class GlobalBatchSampler(Sampler[list[int]]):
     the same epoch's permutation (seen twice that epoch), so every process gets a full batch and
     all take the same number of steps (collectives never wait on a process that has finished).
 
+    pairs=True: items 2k and 2k + 1 are a pair (hard negatives of each other, e.g. ShapesWorld's
+    shape twins) and stay side by side in one process's batch: the epoch shuffles the pairs, not
+    the items. It needs an even number of items and an even (per-process) batch_size.
+
     Use as `DataLoader(dataset, batch_sampler=sampler)`. `start_step` makes the *first* pass begin
     at that step of the epoch (exact resume without loading the samples before it); later passes,
     after `set_epoch`, start at 0. For step-based training across epochs use `iter_steps` or
@@ -701,6 +705,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
         seed: int = 0,
         drop_last: bool = True,
         start_step: int = 0,
+        pairs: bool = False,
     ) -> None:
         problems = []
         if not (isinstance(batch_size, int) and batch_size >= 1):
@@ -711,8 +716,13 @@ class GlobalBatchSampler(Sampler[list[int]]):
             problems.append(f"rank={rank!r}: expected 0 <= rank < world_size={world_size}")
         if not (isinstance(num_items, int) and num_items >= 1):
             problems.append(f"num_items={num_items!r}: the dataset is empty")
+        if pairs and isinstance(batch_size, int) and batch_size % 2:
+            problems.append(f"batch_size={batch_size}: pairs=True keeps pairs in one batch, so it must be even")
+        if pairs and isinstance(num_items, int) and num_items % 2:
+            problems.append(f"num_items={num_items}: pairs=True needs items in pairs (2k, 2k + 1), so an even number")
         if problems:
             raise ValueError("invalid GlobalBatchSampler:\n  - " + "\n  - ".join(problems))
+        self.pairs = pairs
         self.num_items = num_items
         self.batch_size = batch_size
         self.rank = rank
@@ -745,7 +755,11 @@ class GlobalBatchSampler(Sampler[list[int]]):
         (steps_per_epoch * B * W,), padded from its own start when drop_last=False."""
         if self._cached is None or self._cached[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            perm = torch.randperm(self.num_items, generator=generator)
+            if self.pairs:  # shuffle the pairs; each stays adjacent at an even offset
+                first = 2 * torch.randperm(self.num_items // 2, generator=generator)
+                perm = torch.stack([first, first + 1], dim=1).reshape(-1)
+            else:
+                perm = torch.randperm(self.num_items, generator=generator)
             needed = self.steps_per_epoch * self.global_batch_size
             if needed > self.num_items:
                 perm = perm[torch.arange(needed) % self.num_items]

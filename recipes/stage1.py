@@ -51,6 +51,10 @@ class Stage1Settings(common.TrainSettings):
     itc_gather_grad: bool = False  # the original gathers ITC features without gradient
     # captions of the same image, or of records with the same `group`, are not each other's negatives
     use_image_ids: bool = True
+    # records 2k and 2k + 1 of `train_data` are hard negatives of each other (ShapesWorld's shape
+    # twins, `generate_world(twins=True)`): keep each pair in one batch, so that ITC and ITM's
+    # negative sampling meet it there
+    batch_in_pairs: bool = False
 
     def problems(self) -> list[str]:
         p = super().problems()
@@ -62,6 +66,10 @@ class Stage1Settings(common.TrainSettings):
             p.append(f"`itm_negative_pool` must be 0 (off) or a number of items, got {self.itm_negative_pool}")
         if self.itm_negative_pool and not self.use_image_ids:
             p.append("`itm_negative_pool` needs `use_image_ids: true` (to keep an image's own captions out of its negatives)")
+        if self.batch_in_pairs and self.streaming:
+            p.append("`batch_in_pairs` shuffles pairs of records, which a stream cannot: set `streaming: false`")
+        if self.batch_in_pairs and self.batch_size % 2:
+            p.append(f"`batch_in_pairs` keeps pairs in one batch: `batch_size` must be even, got {self.batch_size}")
         return p
 
 
@@ -133,13 +141,15 @@ class Stage1Recipe:
                     print(f"stage 1 trains on captions: left out {questions} question-answer records of {s.train_data}")
                 if len(pairs) == 0:
                     raise ConfigError(f"{s.train_data} holds only question-answer records; stage 1 needs captions.")
+            if s.batch_in_pairs:
+                _check_pairs(pairs["row"], s.train_data)
             if self.cache is not None:
                 self.dataset = CachedPairsDataset(pairs, self.cache, on_bad_sample=s.on_bad_sample)
             else:
                 self.dataset = ImageTextDataset(pairs, self.vision.train_transform(), on_bad_sample=s.on_bad_sample)
             self.sampler = GlobalBatchSampler(
                 len(self.dataset), batch_size=s.batch_size, rank=acc.process_index, world_size=acc.num_processes,
-                seed=s.seed,
+                seed=s.seed, pairs=s.batch_in_pairs,
             )  # fmt: skip
         self.skips = SkipReport()
 
@@ -278,6 +288,21 @@ class Stage1Recipe:
         self.log.close()
         if self.acc.is_main_process and self.skips.count:
             print(self.skips.summary())
+
+
+def _check_pairs(rows: list[int], source: str) -> None:
+    """`batch_in_pairs` pairs training rows 2k and 2k + 1: they must be records 2r and 2r + 1 of the
+    file, each with one caption (several captions per record, or a left-out record, would pair
+    strangers)."""
+    if len(rows) % 2:
+        raise ConfigError(f"`batch_in_pairs`: {source} gives {len(rows)} training captions; pairs need an even number.")
+    for k in range(0, len(rows), 2):
+        if rows[k] % 2 or rows[k + 1] != rows[k] + 1:
+            raise ConfigError(
+                f"`batch_in_pairs`: training captions {k} and {k + 1} of {source} come from records {rows[k]} and "
+                f"{rows[k + 1]}, not one pair (2r, 2r + 1). It needs records in pairs (2k, 2k + 1) with "
+                "one caption each, as `generate_world(twins=True)` writes; or set `batch_in_pairs: false`."
+            )
 
 
 def main(argv: list[str] | None = None) -> int:

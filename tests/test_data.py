@@ -378,6 +378,36 @@ def test_drop_last_false_pads_with_the_same_epoch():
     assert set(seen) == set(range(10)) and seen[10:] == seen[:2]
 
 
+def test_pairs_share_a_batch_on_every_process():
+    # 2 processes x 4 items: every pair (2k, 2k + 1) in one process's batch, side by side, every epoch
+    samplers = [GlobalBatchSampler(40, batch_size=4, rank=r, world_size=2, seed=1, pairs=True) for r in range(2)]
+    one = GlobalBatchSampler(40, batch_size=8, seed=1, pairs=True)
+    orders = []
+    for epoch in range(3):
+        for sampler in (one, *samplers):
+            sampler.set_epoch(epoch)
+        order = []
+        for whole, first, second in zip(one, *samplers, strict=True):
+            assert whole == first + second
+            for batch in (first, second):
+                assert all(b % 2 == 0 and c == b + 1 for b, c in zip(batch[::2], batch[1::2])), batch
+            order += whole
+        assert sorted(order) == list(range(40))
+        orders.append(order)
+    assert orders[0] != orders[1]  # the pairs are shuffled each epoch
+    # padding (drop_last=False) wraps around at a pair boundary
+    padded = GlobalBatchSampler(10, batch_size=4, drop_last=False, seed=0, pairs=True)
+    flat = [i for batch in padded for i in batch]
+    assert len(flat) == 12 and flat[10:] == flat[:2] and flat[0] % 2 == 0 and flat[1] == flat[0] + 1
+
+
+def test_pairs_need_even_counts():
+    with pytest.raises(ValueError, match="batch_size=3: pairs=True"):
+        GlobalBatchSampler(40, batch_size=3, pairs=True)
+    with pytest.raises(ValueError, match="num_items=41: pairs=True"):
+        GlobalBatchSampler(41, batch_size=4, pairs=True)
+
+
 def test_sampler_errors():
     with pytest.raises(ValueError, match="no full global batch of 8"):
         GlobalBatchSampler(5, batch_size=4, world_size=2)

@@ -168,6 +168,49 @@ def test_stage1_takes_the_records_groups_as_positives(world, tmp_path, monkeypat
     assert not any(set(ids.tolist()) & images for ids in seen)
 
 
+def test_batch_in_pairs_keeps_each_shape_twin_beside_its_pair(world, tmp_path, monkeypatch, capsys):
+    """`batch_in_pairs` on a world written in shape twins: every batch holds records 2k and 2k + 1
+    side by side; on the plain world (not in pairs by record) it refuses, naming the fix."""
+    import qformer.data
+
+    generate_world(tmp_path / "twins", n_train=32, n_test=4, n_compositional=0, image_size=32, seed=0, twins=True)
+    seen: list[list[int]] = []
+    collate = qformer.data.collate
+
+    def spy(batch):
+        out = collate(batch)
+        seen.append(out["index"].tolist())
+        return out
+
+    monkeypatch.setattr(qformer.data, "collate", spy)
+    twins = {**world, "train": str(tmp_path / "twins" / "train.json")}
+    assert main(stage1_args(twins, tmp_path / "run", "max_steps=3", "log_every=1", "batch_in_pairs=true")) == 0
+    assert len(seen) == 3
+    for batch in seen:
+        assert len(batch) == 16 and all(a % 2 == 0 and b == a + 1 for a, b in zip(batch[::2], batch[1::2])), batch
+
+    # the same world's captions without pairs: some batch splits a pair (a random order of 32)
+    seen.clear()
+    assert main(stage1_args(twins, tmp_path / "plain", "max_steps=3", "log_every=1")) == 0
+    assert not all(a % 2 == 0 and b == a + 1 for batch in seen for a, b in zip(batch[::2], batch[1::2]))
+
+    # an odd batch would split pairs: refused before training
+    assert "`batch_size` must be even, got 15" in error_of(
+        stage1_args(twins, tmp_path / "odd", "batch_in_pairs=true", "batch_size=15"), capsys
+    )
+
+
+def test_batch_in_pairs_refuses_records_with_several_captions(world, tmp_path, capsys):
+    """Pairs are records (2r, 2r + 1) with one caption each: a record with two captions gives two
+    training rows of one image, which pairing would treat as twins."""
+    records = json.loads(Path(world["train"]).read_text())
+    records[0]["caption"] = [records[0]["caption"], "another caption"]
+    several = tmp_path / "several.json"
+    several.write_text(json.dumps(records[:31]))  # 32 captions in all
+    args = stage1_args({**world, "train": str(several)}, tmp_path / "run", "max_steps=1", "batch_in_pairs=true")
+    assert "training captions 0 and 1 of" in error_of(args, capsys)
+
+
 # ------------------------------------------------------------------------------ configs
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.yaml")), ids=lambda p: p.name)
 def test_every_yaml_parses_and_opens_with_its_command(path):
