@@ -69,23 +69,6 @@ def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_demo_trains_a_missing_lm_beside_stage_1(tmp_path, monkeypatch):
-    """Side by side and without --minutes, the LM is not trained with the ViT but in the side job
-    beside stage 1, before the ablation's stage 2; stage 2 then finds it in the cache."""
-    monkeypatch.setenv("QFORMER_CACHE", str(tmp_path / "cache"))
-    monkeypatch.setenv("QFORMER_SIDE_BY_SIDE", "1")
-    out = tmp_path / "demo"
-    assert main(["demo", "--out", str(out), "--fast"]) == 0
-    seconds = json.loads((out / "metrics.json").read_text())["seconds"]
-    assert seconds["LM (beside stage 1)"] > 0
-    assert "opt trained" in (out / "stage2_without_stage1.log").read_text()  # in the side job
-    assert (out / "stage2" / "model").is_dir()
-    # a second run finds every backbone cached: no LM phase at all
-    assert main(["demo", "--out", str(tmp_path / "again"), "--fast"]) == 0
-    assert "LM (beside stage 1)" not in json.loads((tmp_path / "again" / "metrics.json").read_text())["seconds"]
-
-
-@pytest.mark.slow
 def test_demo_one_job_after_the_other(tmp_path, monkeypatch):
     """QFORMER_SIDE_BY_SIDE=0: no side jobs; the ablation and the retrieval evaluation get their own
     phases and the metrics are the same set."""
