@@ -248,9 +248,9 @@ def run_demo(
 
     side_by_side = worth_it(default=not fast)
     # step 2: the frozen backbones, trained on the world once and cached; side by side, the LM and
-    # the BERT train beside the ViT, one thread each (measured on the simple world, fresh cache:
-    # 596 s in all this way, 618 s estimated with the LM beside stage 1, where the LM and the
-    # ablation outlast stage 1's 48-wide batches)
+    # the BERT train beside the ViT, one thread each (simple world, fresh cache, 2000-step ViT:
+    # 596 s in all this way; about 618 s estimated with the LM beside stage 1, where the LM and
+    # the ablation outlast stage 1's 48-wide batches; docs/demo_history.md, runs O to Q)
     with clock.phase("backbones"):
         backbones = ensure_backbones(world, cache_dir=cache_dir, seed=seed, llm=llm, fast=fast,
                                      num_queries=plan.num_queries)  # fmt: skip
