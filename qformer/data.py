@@ -672,6 +672,14 @@ class SkipReport:
 # --------------------------------------------------------------------------------------------
 
 
+def paired_permutation(num_items: int, generator: torch.Generator) -> Tensor:
+    """A random order of the pairs (2k, 2k + 1) of `num_items` (even) items, each pair kept side
+    by side at an even offset: a batch of even size starting at an even offset holds both or
+    neither of a pair."""
+    first = 2 * torch.randperm(num_items // 2, generator=generator)
+    return torch.stack([first, first + 1], dim=1).reshape(-1)
+
+
 class GlobalBatchSampler(Sampler[list[int]]):
     """Deterministic, resumable batches of indices for process `rank` of `world_size`.
 
@@ -755,9 +763,8 @@ class GlobalBatchSampler(Sampler[list[int]]):
         (steps_per_epoch * B * W,), padded from its own start when drop_last=False."""
         if self._cached is None or self._cached[0] != epoch:
             generator = torch.Generator().manual_seed(self.seed + epoch)
-            if self.pairs:  # shuffle the pairs; each stays adjacent at an even offset
-                first = 2 * torch.randperm(self.num_items // 2, generator=generator)
-                perm = torch.stack([first, first + 1], dim=1).reshape(-1)
+            if self.pairs:
+                perm = paired_permutation(self.num_items, generator)
             else:
                 perm = torch.randperm(self.num_items, generator=generator)
             needed = self.steps_per_epoch * self.global_batch_size

@@ -240,10 +240,9 @@ def _load_images(world_dir: Path, records: Sequence[dict[str, Any]], image_size:
 def epoch_order(n: int, generator: torch.Generator, *, paired: bool = False) -> torch.Tensor:
     """A random order of `n` items; `paired`: of the pairs (2k, 2k + 1), each pair kept adjacent at
     an even offset, so that a batch of even size holds both or neither (shape twins)."""
-    if not paired:
-        return torch.randperm(n, generator=generator)
-    pairs = torch.randperm(n // 2, generator=generator)
-    return torch.stack([2 * pairs, 2 * pairs + 1], dim=1).reshape(-1)
+    from qformer.data import paired_permutation
+
+    return paired_permutation(n, generator) if paired else torch.randperm(n, generator=generator)
 
 
 def train_world_vit(
@@ -781,7 +780,8 @@ def vit_settings(level: str, seed: int, fast: bool) -> dict[str, Any]:
         #   shape twins, 2000 steps                            0.92; 0.96 / 0.99    202 s
         #   shape twins, 1500 steps                            0.91; 0.94 / 0.96
         # linear probe of shape from an object's own grid token (unseen images; small objects):
-        #   simple world 0.83 (0.69) without twins, 0.89 to 0.91 with (0.87 at 2000 steps);
+        #   simple world 0.83 (0.69) without twins, 0.89 to 0.91 with (3000 steps; for fewer
+        #   steps see below);
         #   full world, 3000 steps, 10k images without twins 0.72 (0.46);
         #   full world, 1000 steps: 0.65 without twins (10k or 40k images), 0.71 with (10k),
         #   0.73 with (40k); width 192 instead of 128: 0.75, 15% slower; 16x16 patches: worse
@@ -790,7 +790,7 @@ def vit_settings(level: str, seed: int, fast: bool) -> dict[str, Any]:
         # the simple world's ViT: 1800 steps at 2e-3, for the demo's ten minutes; it trains on one
         # thread beside the LM and the BERT and ends about when they do. Linear probe of shape
         # (small objects), one training each: 3000 steps at 1e-3 0.890 (0.806); 2000 at 1e-3
-        # 0.825 (0.685); 2000 at 2e-3 0.867 (0.771); 1800 at 2e-3 0.850 (0.736); 2000 at 3e-3
+        # 0.825 (0.685) (0.87 in an earlier training); 2000 at 2e-3 0.867 (0.771); 1800 at 2e-3 0.850 (0.736); 2000 at 3e-3
         # 0.742 (0.535); 1500 at 2e-3 0.767 (0.586); 2000 at 2e-3 in batches of 96 0.768 (0.570)
         steps, lr = (1800, 2e-3) if level == "simple" else (3000, 1e-3)
         train = {"steps": steps, "batch_size": 128, "lr": lr, "width": 128, "heads": 4,
