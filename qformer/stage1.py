@@ -10,6 +10,7 @@ e embedding width (ITC), V vocabulary.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Literal
 
@@ -93,6 +94,26 @@ class NegativePool:
         self.items = {k: v[-self.size :] for k, v in new.items()}
 
 
+OBJECTIVES = ("itc", "itm", "itg")
+
+
+def check_loss_weights(weights: dict[str, float] | None) -> dict[str, float]:
+    """All three stage-1 objectives' weights, 1 for any not given; a clear error for an unknown
+    objective or a weight that is negative, not finite, or leaves every objective at zero."""
+    weights = dict(weights or {})
+    unknown = sorted(set(weights) - set(OBJECTIVES))
+    if unknown:
+        raise ValueError(f"`loss_weights` has unknown objectives {unknown}; the stage-1 objectives are {list(OBJECTIVES)}.")
+    out = {k: weights.get(k, 1.0) for k in OBJECTIVES}
+    for k, v in out.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"`loss_weights.{k}` must be a finite number >= 0, got {v!r}.")
+        out[k] = float(v)
+    if not any(out.values()):
+        raise ValueError("`loss_weights` sets every objective to 0: nothing would train.")
+    return out
+
+
 class Stage1Model(nn.Module):
     def __init__(
         self,
@@ -104,6 +125,7 @@ class Stage1Model(nn.Module):
         reuse_image_kv: bool = True,
         reuse_query_cache: bool = True,
         itm_negative_pool: int = 0,
+        loss_weights: dict[str, float] | None = None,
     ) -> None:
         """
         itm_negatives: "sample" draws ITM negatives from softmax(similarity) as the original;
@@ -111,6 +133,8 @@ class Stage1Model(nn.Module):
         itm_negative_pool: in training, ITM also draws its negatives from this many items of earlier
             batches (`NegativePool`; 0: from the batch alone, as the original). Needs `image_ids`.
         itc_gather_grad: gather other ranks' ITC features with gradient (the original: without).
+        loss_weights: weights of "itc", "itm" and "itg" in the summed loss (missing ones: 1; the
+            original sums the three unweighted). The returned per-objective losses stay unweighted.
         reuse_image_kv / reuse_query_cache: the two reuses that make a step cheaper (see
             `qformer.model`); turning them off recomputes everything and must give the same losses.
         """
@@ -118,6 +142,7 @@ class Stage1Model(nn.Module):
         if itm_negatives not in ("sample", "hardest"):
             raise ValueError(f"`itm_negatives` must be 'sample' or 'hardest', got {itm_negatives!r}")
         self.config = config
+        self.loss_weights = check_loss_weights(loss_weights)
         self.itm_negatives = itm_negatives
         self.itc_gather_grad = itc_gather_grad
         self.label_smoothing = label_smoothing
@@ -278,7 +303,9 @@ class Stage1Model(nn.Module):
         if pool is not None:  # after drawing from it: an item is never its own pool negative
             pool.push(tokens=image_embeds, input_ids=input_ids, text_mask=text_mask, image_ids=image_ids,
                       image_feats=image_feats, text_feats=text_feat, pad_token_id=cfg.pad_token_id)  # fmt: skip
-        return {"itc": itc.loss, "itm": itm, "itg": itg, "loss": itc.loss + itm + itg}
+        w = self.loss_weights
+        loss = w["itc"] * itc.loss + w["itm"] * itm + w["itg"] * itg
+        return {"itc": itc.loss, "itm": itm, "itg": itg, "loss": loss}
 
     def _itm_image_kv(self, image: Tensor, image_kv: list[KV | None] | None, neg_image: Tensor,
                       pool_tokens: Tensor | None = None):  # fmt: skip
@@ -313,6 +340,7 @@ class Stage1Model(nn.Module):
             "itc_gather_grad": self.itc_gather_grad,
             "label_smoothing": self.label_smoothing,
             "itm_negative_pool": self.itm_negative_pool,
+            "loss_weights": self.loss_weights,
         }
 
     def save_pretrained(self, directory: str | Path, *, extra: dict | None = None) -> Path:

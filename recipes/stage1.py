@@ -49,6 +49,9 @@ class Stage1Settings(common.TrainSettings):
     # original, whose batch is gathered over 16 GPUs); see `qformer.stage1.NegativePool`
     itm_negative_pool: int = 0
     itc_gather_grad: bool = False  # the original gathers ITC features without gradient
+    # weights of the three objectives in the summed loss, e.g. {itm: 3}; missing ones are 1 (the
+    # original: all 1). The logged per-objective losses stay unweighted.
+    loss_weights: dict[str, float] = field(default_factory=dict)
     # captions of the same image, or of records with the same `group`, are not each other's negatives
     use_image_ids: bool = True
     # records 2k and 2k + 1 of `train_data` are hard negatives of each other (ShapesWorld's shape
@@ -66,6 +69,12 @@ class Stage1Settings(common.TrainSettings):
             p.append(f"`itm_negative_pool` must be 0 (off) or a number of items, got {self.itm_negative_pool}")
         if self.itm_negative_pool and not self.use_image_ids:
             p.append("`itm_negative_pool` needs `use_image_ids: true` (to keep an image's own captions out of its negatives)")
+        from qformer.stage1 import check_loss_weights
+
+        try:
+            check_loss_weights(self.loss_weights)
+        except ValueError as e:
+            p.append(str(e))
         if self.batch_in_pairs and self.streaming:
             p.append("`batch_in_pairs` shuffles pairs of records, which a stream cannot: set `streaming: false`")
         if self.batch_in_pairs and self.batch_size % 2:
@@ -123,7 +132,7 @@ class Stage1Recipe:
                 },
             )
         model = Stage1Model(config, itm_negatives=s.itm_negatives, itc_gather_grad=s.itc_gather_grad,
-                            itm_negative_pool=s.itm_negative_pool)  # fmt: skip
+                            itm_negative_pool=s.itm_negative_pool, loss_weights=s.loss_weights)  # fmt: skip
         if s.bert:
             report = init_from_bert(model, s.bert)
             if acc.is_main_process:

@@ -88,13 +88,18 @@ def test_demo_qformer_starts_its_fresh_layers_at_the_width_scaled_std(tmp_path):
     import torch
 
     from qformer.config import QFormerConfig
-    from qformer.demo import DemoPlan, DemoSettings
+    from qformer.demo import DemoPlan, DemoSettings, default_plan
     from qformer.stage1 import Stage1Model
 
     settings = DemoSettings(tmp_path, DemoPlan(), seed=0, llm_dir="", vision={}, tokenizer_dir=tmp_path,
                             stage2_data=tmp_path / "s2.json")  # fmt: skip
     assert settings.stage1(tmp_path / "s1", 10).qformer["initializer_range"] == DemoSettings.INIT_STD == 0.05
     assert settings.stage2(tmp_path / "s2", None, 10).qformer["initializer_range"] == 0.05
+    # the simple world's short stage 1 weighs ITM 4x; the full world keeps the original's sum
+    assert settings.stage1(tmp_path / "s1", 10).loss_weights == {"itm": 4.0}
+    full = DemoSettings(tmp_path, default_plan("full"), seed=0, llm_dir="", vision={}, tokenizer_dir=tmp_path,
+                        stage2_data=tmp_path / "s2.json")  # fmt: skip
+    assert full.stage1(tmp_path / "s1", 10).loss_weights == {"itm": 1.0}
     torch.manual_seed(0)
     model = Stage1Model(QFormerConfig.from_name("tiny", vision_width=128, **settings.qformer))
     cross = torch.cat([layer.cross_attn.k.weight.flatten() for layer in model.qformer.layers])

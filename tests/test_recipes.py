@@ -464,3 +464,12 @@ def test_negative_pool_settings_are_checked():
     assert any("itm_negative_pool` needs `use_image_ids" in p
                for p in Stage1Settings(output_dir="o", train_data="x.json", itm_negative_pool=8, use_image_ids=False).problems())  # fmt: skip
     assert any("must be 0 (off)" in p for p in Stage1Settings(output_dir="o", train_data="x.json", itm_negative_pool=-1).problems())
+
+
+def test_loss_weights_reach_the_model_and_bad_ones_are_named(world, tmp_path, capsys):
+    out = tmp_path / "weighted"
+    assert main(stage1_args(world, out, "max_steps=2", "save_every=2", "loss_weights={itm: 3}")) == 0
+    config = json.loads((out / "model" / "config.json").read_text())
+    assert config["options"]["loss_weights"] == {"itc": 1.0, "itm": 3.0, "itg": 1.0}
+    err = error_of(stage1_args(world, tmp_path / "bad", "loss_weights={itm: 3, lm: 1}"), capsys)
+    assert "unknown objectives ['lm']" in err and "'itc', 'itm', 'itg'" in err

@@ -220,3 +220,43 @@ def test_checkpoint_unexpected_and_missing_keys_are_named(tmp_path):
 def test_missing_checkpoint_dir(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         Stage1Model.from_pretrained(tmp_path)
+
+
+def test_loss_weights_scale_only_the_summed_loss():
+    plain = Stage1Model(CFG, itm_negatives="hardest")
+    weighted = Stage1Model(CFG, itm_negatives="hardest", loss_weights={"itc": 0.5, "itm": 3})
+    weighted.load_state_dict(plain.state_dict())
+    image, ids, mask = batch()
+    a, b = plain(image, ids, mask), weighted(image, ids, mask)
+    for key in ("itc", "itm", "itg"):  # the logged losses stay unweighted
+        torch.testing.assert_close(a[key], b[key])
+    torch.testing.assert_close(b["loss"], 0.5 * a["itc"] + 3 * a["itm"] + a["itg"])
+    assert weighted.loss_weights == {"itc": 0.5, "itm": 3.0, "itg": 1.0}
+
+
+def test_an_objective_at_weight_zero_trains_nothing_of_its_own():
+    model = Stage1Model(CFG, loss_weights={"itc": 0})
+    model(*batch())["loss"].backward()
+    # text_proj and the temperature serve ITC alone
+    assert torch.count_nonzero(model.text_proj.weight.grad) == 0 and model.temp.grad == 0
+    assert torch.count_nonzero(model.itm_head.weight.grad) > 0
+
+
+@pytest.mark.parametrize(
+    "weights, match",
+    [
+        ({"itx": 1}, r"unknown objectives \['itx'\]"),
+        ({"itm": -1}, r"loss_weights.itm.*>= 0, got -1"),
+        ({"itg": float("nan")}, r"loss_weights.itg.*finite"),
+        ({"itc": "3"}, r"loss_weights.itc.*got '3'"),
+        ({"itc": 0, "itm": 0, "itg": 0}, "every objective to 0"),
+    ],
+)
+def test_bad_loss_weights_are_named(weights, match):
+    with pytest.raises(ValueError, match=match):
+        Stage1Model(CFG, loss_weights=weights)
+
+
+def test_loss_weights_round_trip_through_the_checkpoint(tmp_path):
+    Stage1Model(CFG, loss_weights={"itm": 3}).save_pretrained(tmp_path / "w")
+    assert Stage1Model.from_pretrained(tmp_path / "w").loss_weights == {"itc": 1.0, "itm": 3.0, "itg": 1.0}
