@@ -39,6 +39,10 @@ class Stage1Settings(common.TrainSettings):
     # BERT checkpoint that initialises the trunk and gives the tokenizer (hub name or local dir).
     # null: a randomly initialised trunk from `qformer_preset`, with `tokenizer`.
     bert: str | None = "bert-base-uncased"
+    # a stage-1 checkpoint (a run's `model/`) to go on training from, with new settings: BLIP-2
+    # fine-tunes its pre-trained stage 1 for retrieval this way. Its architecture and tokenizer
+    # are kept (`bert`, `tokenizer`, `qformer_preset` are then not read; leave `qformer` empty).
+    init_from: str | None = None
     tokenizer: str | None = None
     qformer_preset: str = "blip2"
     # QFormerConfig fields on top (num_query_tokens, cross_attention_freq, embed_dim, dropouts...)
@@ -61,7 +65,10 @@ class Stage1Settings(common.TrainSettings):
 
     def problems(self) -> list[str]:
         p = super().problems()
-        if self.bert is None and self.tokenizer is None:
+        if self.init_from is not None and self.qformer:
+            p.append(f"`qformer` sets {sorted(self.qformer)}, but with `init_from` the architecture is the "
+                     "checkpoint's: leave `qformer` empty")  # fmt: skip
+        if self.init_from is None and self.bert is None and self.tokenizer is None:
             p.append("without `bert`, set `tokenizer` (a BERT-style tokenizer to add [DEC] to)")
         if self.feature_cache is None and not self.vision:
             p.append("set `vision` (the frozen tower) or `feature_cache`")
@@ -95,6 +102,7 @@ class Stage1Recipe:
 
         from bridges.vision import VisionBridge
         from qformer.bert_init import config_from_bert, init_from_bert, load_tokenizer
+        from qformer.checkpoint import load_state_dict_strict
         from qformer.config import QFormerConfig
         from qformer.data import GlobalBatchSampler, ImageTextDataset, SkipReport, load_pairs
         from qformer.feature_cache import CachedPairsDataset, FeatureCache
@@ -116,9 +124,12 @@ class Stage1Recipe:
             self.vision = VisionBridge.from_spec(s.vision, device=acc.device)
             self.vision_spec, width = self.vision.spec, self.vision.width
 
-        # step 2: tokenizer and Q-Former (from BERT, or random from a preset)
-        self.tokenizer = load_tokenizer(s.bert or s.tokenizer)
-        if s.bert:
+        # step 2: tokenizer and Q-Former (from a stage-1 checkpoint, from BERT, or random from a preset)
+        start = _read_init_from(s.init_from, width, "feature cache" if self.cache else "tower") if s.init_from else None
+        self.tokenizer = load_tokenizer(Path(s.init_from) / "tokenizer" if start else s.bert or s.tokenizer)
+        if start:
+            config = QFormerConfig.from_dict(start[0]["qformer"])
+        elif s.bert:
             config = config_from_bert(s.bert, vision_width=width, **s.qformer)
         else:
             config = QFormerConfig.from_name(
@@ -133,7 +144,11 @@ class Stage1Recipe:
             )
         model = Stage1Model(config, itm_negatives=s.itm_negatives, itc_gather_grad=s.itc_gather_grad,
                             itm_negative_pool=s.itm_negative_pool, loss_weights=s.loss_weights)  # fmt: skip
-        if s.bert:
+        if start:
+            load_state_dict_strict(model, start[1], source=s.init_from)
+            if acc.is_main_process:
+                print(f"initialised from the stage-1 checkpoint {s.init_from}")
+        elif s.bert:
             report = init_from_bert(model, s.bert)
             if acc.is_main_process:
                 print(f"initialised from {s.bert}: {report.summary().splitlines()[0]}")
@@ -297,6 +312,29 @@ class Stage1Recipe:
         self.log.close()
         if self.acc.is_main_process and self.skips.count:
             print(self.skips.summary())
+
+
+def _read_init_from(directory: str, width: int, source: str) -> tuple[dict, dict]:
+    """(config, state dict) of the stage-1 checkpoint that `init_from` names, after checking that
+    it is one and that it reads tokens as wide as this run's tower or feature cache gives."""
+    from qformer.checkpoint import CheckpointError, read_model_dir
+    from qformer.stage1 import Stage1Model
+
+    try:
+        config, state_dict = read_model_dir(directory)
+    except (CheckpointError, FileNotFoundError) as e:
+        raise ConfigError(f"`init_from`: {e}") from None
+    if config.get("kind") != Stage1Model.KIND:
+        raise ConfigError(f"`init_from`: {directory} is a {config.get('kind', 'unknown')!r} checkpoint, not a stage-1 one.")
+    if not (Path(directory) / "tokenizer").is_dir():
+        raise ConfigError(f"`init_from`: {directory} has no tokenizer/ folder (a stage-1 run saves one beside its weights).")
+    trained = config["qformer"].get("vision_width")
+    if trained != width:
+        raise ConfigError(
+            f"`init_from`: {directory} was trained on vision tokens of width {trained}, but this run's "
+            f"{source} gives {width}: use the tower it was trained with ({config.get('vision')})."
+        )
+    return config, state_dict
 
 
 def _check_pairs(rows: list[int], source: str) -> None:

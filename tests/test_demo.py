@@ -60,10 +60,14 @@ def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
     assert 0 <= ceiling["caption_all_correct"] <= 1 and 0 <= ceiling["vqa_accuracy"] <= 1
     assert {"data", "backbones", "stage 1", "stage 2", "evaluation", "total"} <= set(metrics["seconds"])
     assert metrics["seconds"]["ablation: stage 2 without stage 1, and its captions (beside stage 1)"] > 0
-    assert metrics["seconds"]["retrieval evaluation (beside stage 2)"] > 0
+    assert metrics["seconds"]["retrieval fine-tune and evaluation (beside stage 2)"] > 0
     assert "stage 2:" in (out / "stage2_without_stage1.log").read_text()  # its progress bar went to its log
-    for d in ("data", "stage1/model", "stage2/model", "stage2_without_stage1/model"):
+    for d in ("data", "stage1/model", "stage2/model", "stage2_without_stage1/model", "retrieval/model"):
         assert (out / d).is_dir()
+    # retrieval is read from stage 1 fine-tuned as the re-ranker (ITM weighted, ITC off)
+    assert metrics["retrieval"]["checkpoint"] == "retrieval/model"
+    tuned = json.loads((out / "retrieval" / "model" / "config.json").read_text())
+    assert tuned["options"]["loss_weights"] == {"itc": 0.0, "itm": 4.0, "itg": 1.0}
     html = Path(out / "report.html").read_text()
     assert "<svg" in html and "query 0" in html
 
@@ -77,7 +81,7 @@ def test_demo_one_job_after_the_other(tmp_path, monkeypatch):
     out = tmp_path / "demo"
     assert main(["demo", "--out", str(out), "--fast"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
-    assert {"ablation: stage 2 without stage 1, and its captions", "retrieval evaluation"} <= set(metrics["seconds"])
+    assert {"ablation: stage 2 without stage 1, and its captions", "retrieval fine-tune and evaluation"} <= set(metrics["seconds"])
     assert not (out / "stage2_without_stage1.log").exists()
     assert {"i2t_r1", "t2i_r1"} <= set(metrics["retrieval"]["itm"]) and "compositional" in metrics
 
@@ -95,11 +99,13 @@ def test_demo_qformer_starts_its_fresh_layers_at_the_width_scaled_std(tmp_path):
                             stage2_data=tmp_path / "s2.json")  # fmt: skip
     assert settings.stage1(tmp_path / "s1", 10).qformer["initializer_range"] == DemoSettings.INIT_STD == 0.05
     assert settings.stage2(tmp_path / "s2", None, 10).qformer["initializer_range"] == 0.05
-    # the simple world's short stage 1 weighs ITM 4x; the full world keeps the original's sum
-    assert settings.stage1(tmp_path / "s1", 10).loss_weights == {"itm": 4.0}
-    full = DemoSettings(tmp_path, default_plan("full"), seed=0, llm_dir="", vision={}, tokenizer_dir=tmp_path,
-                        stage2_data=tmp_path / "s2.json")  # fmt: skip
-    assert full.stage1(tmp_path / "s1", 10).loss_weights == {"itm": 1.0}
+    # stage 1 sums its three losses as the original; the simple world's retrieval fine-tune goes on
+    # from it with ITM weighted and ITC off; the full world reads retrieval from stage 1 itself
+    assert settings.stage1(tmp_path / "s1", 10).loss_weights == {}
+    tune = settings.retrieval(tmp_path / "r", str(tmp_path / "s1" / "model"), 150)
+    assert tune.init_from == str(tmp_path / "s1" / "model") and tune.loss_weights == {"itc": 0.0, "itm": 4.0}
+    assert tune.problems() == [] and tune.lr == 5e-4 and tune.max_steps == 150
+    assert default_plan("simple").retrieval_steps == 150 and default_plan("full").retrieval_steps == 0
     torch.manual_seed(0)
     model = Stage1Model(QFormerConfig.from_name("tiny", vision_width=128, **settings.qformer))
     cross = torch.cat([layer.cross_attn.k.weight.flatten() for layer in model.qformer.layers])
