@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import torch
@@ -338,60 +339,72 @@ def run_demo(
         with clock.phase("ablation: stage 2 without stage 1, and its captions"):
             ablation = ablation_arm(ablation_settings, test, plan.num_beams)
 
-    # step 5: stage 2 from the stage-1 Q-Former, and beside it the retrieval fine-tune and its
-    # evaluation (they read the stage-1 checkpoint only)
+    # step 5: stage 2 from the stage-1 Q-Former, then the evaluation of its captions and answers;
+    # beside both, the retrieval fine-tune and its evaluation (they read the stage-1 checkpoint only)
+    from qformer import evaluate
+    from qformer.world.backbones import evaluate_world_lm
+
     test_sets = {"test": test, "compositional": data / "compositional_test.json"}
-    stage1_model = out / "stage1" / "model"
+    stage1_model, stage2_model = out / "stage1" / "model", out / "stage2" / "model"
     stage2_recipe = Stage2Recipe(settings.stage2(out / "stage2", str(stage1_model), plan.stage2_steps))
     tune = settings.retrieval(out / "retrieval", str(stage1_model), plan.retrieval_steps) if plan.retrieval_steps else None
     what = "retrieval fine-tune and evaluation" if tune else "retrieval evaluation"
+    comp = test_sets["compositional"]
+    with_comp = comp.is_file() and bool(json.loads(comp.read_text()))
+
+    def evaluate_stage2(share: Callable[[], None]) -> dict[str, Any]:
+        with clock.phase("evaluation"):
+            found: dict[str, Any] = {}
+            for name, run in [
+                ("caption", lambda: evaluate.evaluate_captions(stage2_model, test, num_beams=plan.num_beams)),
+                ("vqa", lambda: evaluate.evaluate_vqa(stage2_model, test, num_beams=plan.num_beams)),
+                # the frozen LM's own ceiling: its greedy captions and answers given the TRUE scene
+                # words in place of the soft prompt; the gap to the above is what the Q-Former leaves out
+                ("ceiling", lambda: evaluate_world_lm(backbones["llm_dir"], world, num_queries=plan.num_queries,
+                                                      n=16 if fast else 200)),  # fmt: skip
+                ("c_cap", lambda: evaluate.evaluate_captions(stage2_model, comp, num_beams=plan.num_beams)),
+                ("c_vqa", lambda: evaluate.evaluate_vqa(stage2_model, comp, num_beams=plan.num_beams)),
+            ]:
+                if with_comp or not name.startswith("c_"):
+                    share()
+                    found[name] = run()
+        return found
+
     if side_by_side:
-        with clock.phase("stage 2"), SideJob(tuned_retrieval_scores, tune, stage1_model, test_sets, plan.k_test,
-                                             log=out / "retrieval.log") as side:  # fmt: skip
-            _on_every_step(stage2_recipe, side.share)
-            run_recipe(stage2_recipe)
-        retrieval_by_set = side.result()
-        clock.seconds[f"{what} (beside stage 2)"] = retrieval_by_set.pop("seconds")
+        with SideJob(tuned_retrieval_scores, tune, stage1_model, test_sets, plan.k_test, log=out / "retrieval.log") as side:
+            with clock.phase("stage 2"):
+                _on_every_step(stage2_recipe, side.share)
+                run_recipe(stage2_recipe)
+            found = evaluate_stage2(side.share)
+            with clock.phase(f"waiting for the {what}"):
+                retrieval_by_set = side.result()
+        clock.seconds[f"{what} (beside stage 2 and the evaluation)"] = retrieval_by_set.pop("seconds")
     else:
         with clock.phase("stage 2"):
             run_recipe(stage2_recipe)
         with clock.phase(what):
             retrieval_by_set = tuned_retrieval_scores(tune, stage1_model, test_sets, plan.k_test)
             retrieval_by_set.pop("seconds")
+        found = evaluate_stage2(lambda: None)
     retrieval_model = Path(retrieval_by_set.pop("checkpoint"))
-    stage2_model = out / "stage2" / "model"
 
-    # step 6: evaluation on held-out images, and on the compositional split
-    from qformer import evaluate
-
+    # step 6: the metrics, on held-out images and on the compositional split
     metrics: dict[str, Any] = {"world": world, "llm": llm, "seed": seed, "plan": plan.__dict__}
     if calibration:
         metrics["calibration"] = calibration
-    with clock.phase("evaluation"):
-        retrieval = retrieval_by_set["test"]
-        caption = evaluate.evaluate_captions(stage2_model, test, num_beams=plan.num_beams)
-        vqa = evaluate.evaluate_vqa(stage2_model, test, num_beams=plan.num_beams)
-        metrics["retrieval"] = {k: retrieval[k] for k in ("itc", "itm", "instance", "hit")}
-        metrics["retrieval"]["checkpoint"] = str(retrieval_model.relative_to(out))
-        metrics["caption"] = {k: caption[k] for k in ("bleu4", "cider", "exact_match", "exact_match_by_objects")}
-        metrics["vqa"] = {k: vqa[k] for k in ("accuracy", "by_type")}
-        metrics["ablation"] = {"without_stage1": {"caption": ablation["caption"]}}
-        # the frozen LM's own ceiling: its greedy captions and answers given the TRUE scene words in
-        # place of the soft prompt. The gap to the numbers above is what the Q-Former leaves out.
-        from qformer.world.backbones import evaluate_world_lm
-
-        ceiling = evaluate_world_lm(backbones["llm_dir"], world, num_queries=plan.num_queries, n=16 if fast else 200)
-        metrics["llm_from_true_scene"] = {k: ceiling[k] for k in ("caption_all_correct", "vqa_accuracy")}
-        comp = test_sets["compositional"]
-        if "compositional" in retrieval_by_set:
-            c_ret = retrieval_by_set["compositional"]
-            c_cap = evaluate.evaluate_captions(stage2_model, comp, num_beams=plan.num_beams)
-            c_vqa = evaluate.evaluate_vqa(stage2_model, comp, num_beams=plan.num_beams)
-            metrics["compositional"] = {
-                "retrieval": {k: c_ret[k] for k in ("itc", "itm")},
-                "caption": {k: c_cap[k] for k in ("bleu4", "cider", "exact_match")},
-                "vqa": {"accuracy": c_vqa["accuracy"]},
-            }
+    retrieval, caption, vqa = retrieval_by_set["test"], found["caption"], found["vqa"]
+    metrics["retrieval"] = {k: retrieval[k] for k in ("itc", "itm", "instance", "hit")}
+    metrics["retrieval"]["checkpoint"] = str(retrieval_model.relative_to(out))
+    metrics["caption"] = {k: caption[k] for k in ("bleu4", "cider", "exact_match", "exact_match_by_objects")}
+    metrics["vqa"] = {k: vqa[k] for k in ("accuracy", "by_type")}
+    metrics["ablation"] = {"without_stage1": {"caption": ablation["caption"]}}
+    metrics["llm_from_true_scene"] = {k: found["ceiling"][k] for k in ("caption_all_correct", "vqa_accuracy")}
+    if with_comp:
+        metrics["compositional"] = {
+            "retrieval": {k: retrieval_by_set["compositional"][k] for k in ("itc", "itm")},
+            "caption": {k: found["c_cap"][k] for k in ("bleu4", "cider", "exact_match")},
+            "vqa": {"accuracy": found["c_vqa"]["accuracy"]},
+        }
     metrics["seconds"] = {**clock.seconds, "total": round(time.perf_counter() - started, 1)}
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
 
@@ -443,7 +456,8 @@ def train_stage2(settings: Any) -> float:
 
 def tuned_retrieval_scores(tune: Any, stage1_model: Path, test_sets: dict[str, Path], k_test: int) -> dict[str, Any]:
     """The retrieval fine-tune with the stage-1 settings `tune` (None: none), then `retrieval_scores`
-    of its checkpoint, or of `stage1_model` (module-level: a SideJob runs it beside stage 2).
+    of its checkpoint, or of `stage1_model` (module-level: a SideJob runs it beside stage 2 and
+    the evaluation of captions and answers).
     Returns {name: scores, ..., "checkpoint", "seconds"} (the seconds of both)."""
     from recipes.common import run
     from recipes.stage1 import Stage1Recipe
@@ -461,7 +475,7 @@ def tuned_retrieval_scores(tune: Any, stage1_model: Path, test_sets: dict[str, P
 
 def retrieval_scores(stage1_model: Path, test_sets: dict[str, Path], k_test: int) -> dict[str, Any]:
     """`evaluate_retrieval` of the stage-1 checkpoint on each non-empty test set (module-level: a
-    SideJob runs it beside stage 2). Returns {name: scores, ..., "seconds"}."""
+    SideJob runs it, in `tuned_retrieval_scores`). Returns {name: scores, ..., "seconds"}."""
     from qformer import evaluate
 
     start = time.perf_counter()

@@ -41,7 +41,7 @@ class Stage1Settings(common.TrainSettings):
     bert: str | None = "bert-base-uncased"
     # a stage-1 checkpoint (a run's `model/`) to go on training from, with new settings: BLIP-2
     # fine-tunes its pre-trained stage 1 for retrieval this way. Its architecture and tokenizer
-    # are kept (`bert`, `tokenizer`, `qformer_preset` are then not read; leave `qformer` empty).
+    # are kept (`bert`, `tokenizer`, `qformer_preset` are then not read; `qformer` must agree).
     init_from: str | None = None
     tokenizer: str | None = None
     qformer_preset: str = "blip2"
@@ -65,9 +65,6 @@ class Stage1Settings(common.TrainSettings):
 
     def problems(self) -> list[str]:
         p = super().problems()
-        if self.init_from is not None and self.qformer:
-            p.append(f"`qformer` sets {sorted(self.qformer)}, but with `init_from` the architecture is the "
-                     "checkpoint's: leave `qformer` empty")  # fmt: skip
         if self.init_from is None and self.bert is None and self.tokenizer is None:
             p.append("without `bert`, set `tokenizer` (a BERT-style tokenizer to add [DEC] to)")
         if self.feature_cache is None and not self.vision:
@@ -125,7 +122,7 @@ class Stage1Recipe:
             self.vision_spec, width = self.vision.spec, self.vision.width
 
         # step 2: tokenizer and Q-Former (from a stage-1 checkpoint, from BERT, or random from a preset)
-        start = _read_init_from(s.init_from, width, "feature cache" if self.cache else "tower") if s.init_from else None
+        start = _read_init_from(s.init_from, width, "feature cache" if self.cache else "tower", s.qformer) if s.init_from else None
         self.tokenizer = load_tokenizer(Path(s.init_from) / "tokenizer" if start else s.bert or s.tokenizer)
         if start:
             config = QFormerConfig.from_dict(start[0]["qformer"])
@@ -314,9 +311,10 @@ class Stage1Recipe:
             print(self.skips.summary())
 
 
-def _read_init_from(directory: str, width: int, source: str) -> tuple[dict, dict]:
+def _read_init_from(directory: str, width: int, source: str, qformer: dict[str, Any]) -> tuple[dict, dict]:
     """(config, state dict) of the stage-1 checkpoint that `init_from` names, after checking that
-    it is one and that it reads tokens as wide as this run's tower or feature cache gives."""
+    it is one, that it reads tokens as wide as this run's tower or feature cache gives, and that
+    the run's `qformer` settings (the architecture) agree with it."""
     from qformer.checkpoint import CheckpointError, read_model_dir
     from qformer.stage1 import Stage1Model
 
@@ -333,6 +331,13 @@ def _read_init_from(directory: str, width: int, source: str) -> tuple[dict, dict
         raise ConfigError(
             f"`init_from`: {directory} was trained on vision tokens of width {trained}, but this run's "
             f"{source} gives {width}: use the tower it was trained with ({config.get('vision')})."
+        )
+    differ = [f"{k}: {v!r} here, {config['qformer'].get(k)!r} in the checkpoint" for k, v in qformer.items()
+              if config["qformer"].get(k) != v]  # fmt: skip
+    if differ:
+        raise ConfigError(
+            f"`init_from`: the architecture is {directory}'s, and `qformer` sets it otherwise:\n  - "
+            + "\n  - ".join(differ) + "\nDrop these from `qformer` (or set `qformer={}`)."
         )
     return config, state_dict
 

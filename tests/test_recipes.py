@@ -480,13 +480,14 @@ def test_init_from_goes_on_from_a_stage1_checkpoint(world, stage1_run, tmp_path,
     with `init_from` sees the trained model's losses, not a fresh model's."""
     fresh_first, trained_last = first_and_last(stage1_run)
     out = tmp_path / "tuned"
-    args = stage1_args(world, out, f"init_from={stage1_run / 'model'}", "qformer={}", "max_steps=1", "log_every=1",
-                       "save_every=1", "loss_weights={itc: 0, itm: 4}")  # fmt: skip
+    args = stage1_args(world, out, f"init_from={stage1_run / 'model'}", "max_steps=1", "log_every=1", "save_every=1",
+                       "loss_weights={itc: 0, itm: 4}")  # fmt: skip
     assert main(args) == 0
     first = read_metrics(out / "metrics.jsonl")[0]
     assert first["itg"] < fresh_first["itg"] - 0.5 and abs(first["itg"] - trained_last["itg"]) < 0.3
     assert json.loads((out / "model" / "config.json").read_text())["options"]["loss_weights"]["itc"] == 0.0
-    err = error_of(stage1_args(world, tmp_path / "b", f"init_from={stage1_run / 'model'}"), capsys)
-    assert "with `init_from` the architecture is the checkpoint's: leave `qformer` empty" in err
+    # the run's `qformer` (here the YAML's, as the checkpoint was trained) must agree with it
+    err = error_of(stage1_args(world, tmp_path / "b", f"init_from={stage1_run / 'model'}", "qformer.num_query_tokens=4"), capsys)
+    assert "`qformer` sets it otherwise" in err and "num_query_tokens: 4 here, 8 in the checkpoint" in err
     err = error_of(stage1_args(world, tmp_path / "c", f"init_from={tmp_path}", "qformer={}"), capsys)
     assert "`init_from`:" in err and "config.json not found" in err
