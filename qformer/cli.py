@@ -184,7 +184,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="BLIP-2 end to end on the built-in ShapesWorld, on a CPU, in minutes",
         description=(
             "Build ShapesWorld, train (or load from the cache) its tiny frozen ViT and LLM, run "
-            "stage 1 and stage 2 on the cached tower tokens, evaluate retrieval, captioning and "
+            "stage 1 and stage 2 on the cached tower tokens (the simple world also fine-tunes stage 1 "
+            "as the retrieval re-ranker, into DIR/retrieval), evaluate retrieval, captioning and "
             "VQA on held-out and compositional splits, run the ablation without stage 1, and "
             "write DIR/metrics.json and DIR/report.html. --recipe blip: BLIP pre-training (trained "
             "ViT, ITC/ITM/LM) on the same world, retrieval and captioning scores, and the ablation "

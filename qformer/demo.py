@@ -2,7 +2,8 @@
 
 From nothing to a trained two-stage model with the same code paths a real EVA ViT-g and OPT-2.7B
 take: build the world, train (or load from the cache) its tiny frozen backbones, cache the tower's
-tokens, run the stage-1 and stage-2 recipes, evaluate retrieval, captioning and VQA on held-out
+tokens, run the stage-1 and stage-2 recipes (and, for retrieval, a stage-1 fine-tune as the
+re-ranker, as BLIP-2 fine-tunes stage 1 for retrieval), evaluate retrieval, captioning and VQA on held-out
 images (and on a compositional split: attribute pairs never seen in training), run the BLIP-2
 ablation (stage 2 without stage 1), and write `metrics.json` and `report.html`.
 
