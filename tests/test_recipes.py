@@ -491,3 +491,15 @@ def test_init_from_goes_on_from_a_stage1_checkpoint(world, stage1_run, tmp_path,
     assert "`qformer` sets it otherwise" in err and "num_query_tokens: 4 here, 8 in the checkpoint" in err
     err = error_of(stage1_args(world, tmp_path / "c", f"init_from={tmp_path}", "qformer={}"), capsys)
     assert "`init_from`:" in err and "config.json not found" in err
+
+
+def test_demo_retrieval_without_a_fine_tune_reads_stage1_itself(world, stage1_run):
+    """The full world's plan has no retrieval fine-tune: its scores are stage 1's own."""
+    from qformer import evaluate
+    from qformer.demo import tuned_retrieval_scores
+
+    test = world["tmp"] / "data" / "test.json"
+    out = tuned_retrieval_scores(None, stage1_run / "model", {"test": test}, 4)
+    assert out["checkpoint"] == str(stage1_run / "model") and out["seconds"] >= 0
+    direct = evaluate.evaluate_retrieval(stage1_run / "model", test, k_test=4)
+    assert out["test"]["itc"] == direct["itc"] and out["test"]["itm"] == direct["itm"]
