@@ -354,21 +354,24 @@ def run_demo(
     with_comp = comp.is_file() and bool(json.loads(comp.read_text()))
 
     def evaluate_stage2(share: Callable[[], None]) -> dict[str, Any]:
+        """Captions and answers of stage 2; `share()` before each takes the threads back once the
+        side job beside it is done."""
+        beams = plan.num_beams
         with clock.phase("evaluation"):
-            found: dict[str, Any] = {}
-            for name, run in [
-                ("caption", lambda: evaluate.evaluate_captions(stage2_model, test, num_beams=plan.num_beams)),
-                ("vqa", lambda: evaluate.evaluate_vqa(stage2_model, test, num_beams=plan.num_beams)),
-                # the frozen LM's own ceiling: its greedy captions and answers given the TRUE scene
-                # words in place of the soft prompt; the gap to the above is what the Q-Former leaves out
-                ("ceiling", lambda: evaluate_world_lm(backbones["llm_dir"], world, num_queries=plan.num_queries,
-                                                      n=16 if fast else 200)),  # fmt: skip
-                ("c_cap", lambda: evaluate.evaluate_captions(stage2_model, comp, num_beams=plan.num_beams)),
-                ("c_vqa", lambda: evaluate.evaluate_vqa(stage2_model, comp, num_beams=plan.num_beams)),
-            ]:
-                if with_comp or not name.startswith("c_"):
-                    share()
-                    found[name] = run()
+            share()
+            found = {"caption": evaluate.evaluate_captions(stage2_model, test, num_beams=beams)}
+            share()
+            found["vqa"] = evaluate.evaluate_vqa(stage2_model, test, num_beams=beams)
+            # the frozen LM's own ceiling: its greedy captions and answers given the TRUE scene
+            # words in place of the soft prompt; the gap to the above is what the Q-Former leaves out
+            share()
+            found["ceiling"] = evaluate_world_lm(backbones["llm_dir"], world, num_queries=plan.num_queries,
+                                                 n=16 if fast else 200)  # fmt: skip
+            if with_comp:
+                share()
+                found["c_cap"] = evaluate.evaluate_captions(stage2_model, comp, num_beams=beams)
+                share()
+                found["c_vqa"] = evaluate.evaluate_vqa(stage2_model, comp, num_beams=beams)
         return found
 
     if side_by_side:
