@@ -73,7 +73,7 @@ def main() -> None:
         for arm, directory in arms.items():
             model = directory / "model"
             cap = evaluate.evaluate_captions(model, demo / "data" / "test.json", num_beams=plan.num_beams)
-            vqa = evaluate.evaluate_vqa(model, demo / "data" / "test.json", num_beams=plan.num_beams)
+            vqa = evaluate.evaluate_vqa(model, demo / "data" / "test.json", num_beams=plan.vqa_beams)
             comp = evaluate.evaluate_captions(model, demo / "data" / "compositional_test.json", num_beams=plan.num_beams)
             row = {"steps": steps, "arm": arm, "cider": cap["cider"], "all_right": cap["exact_match"],
                    "vqa": vqa["accuracy"], "compositional_all_right": comp["exact_match"],
