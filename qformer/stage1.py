@@ -211,7 +211,8 @@ class Stage1Model(nn.Module):
 
         image_embeds: (b, n, d_v) frozen vision tokens; input_ids / text_mask: (b, t) tokenized
         captions starting with [CLS]; image_ids: (b,) optional, pairs sharing an id are positives.
-        Returns {"itc", "itm", "itg", "loss"} where loss is their (equally weighted) sum.
+        Returns {"itc", "itm", "itg", "loss"} where loss is their sum, weighted by
+        `loss_weights` (all 1 by default, as the original).
         """
         cfg = self.config
         if image_embeds.shape[0] != input_ids.shape[0] or input_ids.shape != text_mask.shape:
