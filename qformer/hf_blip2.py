@@ -563,10 +563,7 @@ def import_hf_blip2(src: str | Path, out: str | Path) -> tuple[str, LoadReport]:
     if "Blip2ForConditionalGeneration" in architectures:
         return "stage-2", _import_stage2(src, Path(out))
     if "Blip2ForImageTextRetrieval" in architectures:
-        hf = Blip2ForImageTextRetrieval.from_pretrained(src)
-        model, report = stage1_from_hf_retrieval(hf)
-        model.save_pretrained(out)
-        return "stage-1", report
+        return "stage-1", _import_stage1(src, Path(out))
     raise ValueError(
         f"{src} holds a BLIP-2 {' / '.join(architectures) or 'model without `architectures`'}; import "
         "reads Blip2ForConditionalGeneration (into a stage-2 checkpoint) or Blip2ForImageTextRetrieval "
@@ -680,6 +677,40 @@ def _import_stage2(src: str | Path, out: Path) -> LoadReport:
     return report
 
 
+def _import_stage1(src: str | Path, out: Path) -> LoadReport:
+    """A stage-1 checkpoint in `out` from a Blip2ForImageTextRetrieval that describes itself as a
+    stage-1 run's does: its tokenizer (with `[DEC]`) in `out/tokenizer`, its tower in
+    `out/vision_model`, so that retrieval evaluation and `init_from` take it as it is."""
+    from transformers import AutoImageProcessor
+
+    from qformer.bert_init import load_tokenizer
+
+    out = out.resolve()  # the tower's spec holds an absolute path, as the bridges' own specs do
+    hf = Blip2ForImageTextRetrieval.from_pretrained(src).eval()
+    image_processor = _load_part(AutoImageProcessor, src, "image processor (preprocessor_config.json)", "stage-1")
+    tokenizer = _load_part(load_tokenizer, src, "BERT tokenizer", "stage-1")
+    model, report = stage1_from_hf_retrieval(hf)
+    config = model.config
+    dec, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    if len(tokenizer) > config.vocab_size or (dec, pad) != (config.dec_token_id, config.pad_token_id):
+        raise CheckpointError(
+            f"{src}: its tokenizer does not fit its Q-Former: {len(tokenizer)} tokens, [DEC] = {dec}, "
+            f"[PAD] = {pad}, against a vocabulary of {config.vocab_size} with [DEC] = {config.dec_token_id} "
+            f"(the last id) and [PAD] = {config.pad_token_id}. Save the tokenizer the model was trained "
+            "with (BERT's, with `[DEC]` added as the BOS token) beside it."
+        )
+    vision_dir = out / "vision_model"
+    hf.vision_model.save_pretrained(vision_dir)
+    image_processor.save_pretrained(vision_dir)
+    tokenizer.save_pretrained(out / "tokenizer")
+    tower = [k for k in report.skipped if k.startswith("vision_model.")]
+    report.skipped |= {k: f"frozen vision tower: saved in {vision_dir}" for k in tower}
+    # the saved tower ends at the block the Q-Former reads: the bridge takes its last one (-1)
+    vision_spec = {"source": "transformers", "name": str(vision_dir), "pretrained": None, "layer": -1}
+    model.save_pretrained(out, extra={"vision": vision_spec})
+    return report
+
+
 def _read_manifest(src: str | Path) -> dict[str, Any]:
     """`qformer_export.json` when `src` came from our export, else {}."""
     path = Path(src) / MANIFEST
@@ -689,13 +720,14 @@ def _read_manifest(src: str | Path) -> dict[str, Any]:
     return manifest if manifest.get("format") == FORMAT else {}
 
 
-def _load_part(auto_class: Any, src: str | Path, what: str) -> Any:
+def _load_part(load: Any, src: str | Path, what: str, kind: str = "stage-2") -> Any:
+    """`load.from_pretrained(src)` (or `load(src)` for a function), failing with what is missing."""
     try:
-        return auto_class.from_pretrained(src)
+        return load.from_pretrained(src) if hasattr(load, "from_pretrained") else load(src)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(
-            f"{src} has no {what}: a stage-2 checkpoint needs it. Save the Blip2Processor beside the "
-            f"model (`processor.save_pretrained(dir)`). ({error})"
+            f"{src} has no usable {what}: a {kind} checkpoint needs it. Save the Blip2Processor beside "
+            f"the model (`processor.save_pretrained(dir)`). ({error})"
         ) from error
 
 

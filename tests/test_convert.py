@@ -433,12 +433,55 @@ def test_cli_import_lavis_and_hf(tmp_path, capsys):
     assert main(["import", "--from", "lavis", str(tmp_path / "blip2.pth"), "--out", str(tmp_path / "a"), "--preset", "tiny"]) == 0
     assert_same_weights(Stage1Model.from_pretrained(tmp_path / "a"), source)
 
-    hf = randomize_(Blip2ForImageTextRetrieval(to_hf_retrieval_config(TINY, tiny_vision_config(TINY.vision_width))))
-    hf.save_pretrained(tmp_path / "hf")
+    hf = hf_retrieval_dir(tmp_path / "hf")
     assert main(["import", "--from", "hf-blip2", str(tmp_path / "hf"), "--out", str(tmp_path / "b")]) == 0
     imported = Stage1Model.from_pretrained(tmp_path / "b")
     torch.testing.assert_close(imported.qformer.query_tokens, hf.query_tokens, rtol=0, atol=0)
     assert "skipped" in capsys.readouterr().out  # the vision tower is reported, not silently dropped
+
+
+def hf_retrieval_dir(directory, *, processor: bool = True) -> Blip2ForImageTextRetrieval:
+    """A tiny Blip2ForImageTextRetrieval saved as a hub repository is: weights, config, and (with
+    `processor`) a BERT tokenizer whose [DEC] is the vocabulary's last id, and an image processor."""
+    from transformers import BertTokenizer, BlipImageProcessor
+
+    hf = randomize_(Blip2ForImageTextRetrieval(to_hf_retrieval_config(TINY, tiny_vision_config(TINY.vision_width))))
+    hf.save_pretrained(directory)
+    if processor:
+        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(TINY.vocab_size - 6)]
+        (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+        tokenizer = BertTokenizer(str(directory / "vocab.txt"))
+        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+        tokenizer.save_pretrained(directory)
+        BlipImageProcessor(size={"height": 16, "width": 16}).save_pretrained(directory)
+    return hf
+
+
+def test_hf_retrieval_import_describes_itself(tmp_path):
+    """The imported stage-1 checkpoint carries its tokenizer and tower: retrieval evaluation loads
+    it as it is, and its tower gives the tokens transformers' own tower gives."""
+    from qformer.evaluate import load_stage1
+    from qformer.hf_blip2 import import_hf_blip2
+
+    hf = hf_retrieval_dir(tmp_path / "hf").eval()
+    assert import_hf_blip2(tmp_path / "hf", tmp_path / "out")[0] == "stage-1"
+    model, tokenizer, vision = load_stage1(tmp_path / "out")
+    last = TINY.vocab_size - 1
+    assert (tokenizer.bos_token, tokenizer.bos_token_id, len(tokenizer)) == ("[DEC]", last, TINY.vocab_size)
+    pixels = torch.randn(2, 3, 16, 16)
+    before_norm, after_norm = vision_tokens(hf, pixels)
+    with torch.no_grad():
+        assert_close(vision(pixels), before_norm, **TOL)
+        assert_close(model.ln_vision(vision(pixels)), after_norm, **TOL)
+
+
+def test_hf_retrieval_import_without_tokenizer_is_refused(tmp_path):
+    from qformer.hf_blip2 import import_hf_blip2
+
+    hf_retrieval_dir(tmp_path / "hf", processor=False)
+    with pytest.raises(FileNotFoundError, match="image processor.*stage-1 checkpoint needs it"):
+        import_hf_blip2(tmp_path / "hf", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_import_rejects_a_pickle(tmp_path, capsys):
