@@ -72,6 +72,19 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: Any, source: str) -> None:
+    """Refuse a tokenizer whose vocabulary, [DEC] or [PAD] id disagrees with the Q-Former
+    `config` (a `QFormerConfig`) that `source` was trained with."""
+    dec, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
+    if len(tokenizer) > config.vocab_size or (dec, pad) != (config.dec_token_id, config.pad_token_id):
+        raise ValueError(
+            f"{source}: the tokenizer does not fit its Q-Former: {len(tokenizer)} tokens, [DEC] = {dec}, "
+            f"[PAD] = {pad}, against a vocabulary of {config.vocab_size} with [DEC] = {config.dec_token_id} "
+            f"and [PAD] = {config.pad_token_id}. Use the tokenizer the model was trained with (BERT's, "
+            "with `[DEC]` added as the BOS token)."
+        )
+
+
 # ---------------------------------------------------------------------------------- config
 def read_bert_config(name_or_path: str | Path) -> PreTrainedConfig:
     """The checkpoint's config, rejected unless `init_from_bert` can map it exactly."""

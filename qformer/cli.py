@@ -16,6 +16,8 @@ def _import(args: argparse.Namespace) -> int:
     from qformer.config import QFormerConfig
 
     out = Path(args.out)
+    if args.tokenizer and args.source_format != "lavis":
+        raise ValueError("--tokenizer is for --from lavis; a transformers directory brings its own tokenizer.")
     if args.source_format == "lavis":
         state_dict = convert.load_lavis_checkpoint(args.src)
         # LAVIS files hold no config: the preset gives the trunk, the tensors give the rest
@@ -26,7 +28,15 @@ def _import(args: argparse.Namespace) -> int:
             shapes["num_query_tokens"] = state_dict["query_tokens"].shape[1]
         config = QFormerConfig.from_name(args.preset, **shapes)
         model, report = convert.stage1_from_lavis(state_dict, config)
+        tokenizer = None
+        if args.tokenizer:  # LAVIS files hold no tokenizer: the one named here is checked and saved
+            from qformer.bert_init import check_tokenizer_fits, load_tokenizer
+
+            tokenizer = load_tokenizer(args.tokenizer)
+            check_tokenizer_fits(tokenizer, config, args.tokenizer)
         model.save_pretrained(out)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(out / "tokenizer")
         kind = "stage-1"
     else:
         from qformer.hf_blip2 import import_hf_blip2
@@ -337,6 +347,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("src", help="LAVIS checkpoint file, or transformers model directory / hub name")
     p.add_argument("--out", required=True, help="output checkpoint directory")
     p.add_argument("--preset", default="blip2", help="architecture of a LAVIS file (default: blip2)")
+    p.add_argument("--tokenizer", help="with --from lavis: the BERT tokenizer the file was trained with "
+                   "(e.g. bert-base-uncased; [DEC] is added), saved as OUT/tokenizer so that init_from= takes OUT")
     p.set_defaults(func=_import)
     return parser
 

@@ -683,22 +683,14 @@ def _import_stage1(src: str | Path, out: Path) -> LoadReport:
     `out/vision_model`, so that retrieval evaluation and `init_from` take it as it is."""
     from transformers import AutoImageProcessor
 
-    from qformer.bert_init import load_tokenizer
+    from qformer.bert_init import check_tokenizer_fits, load_tokenizer
 
     out = out.resolve()  # the tower's spec holds an absolute path, as the bridges' own specs do
     hf = Blip2ForImageTextRetrieval.from_pretrained(src).eval()
     image_processor = _load_part(AutoImageProcessor, src, "image processor (preprocessor_config.json)", "stage-1")
     tokenizer = _load_part(load_tokenizer, src, "BERT tokenizer", "stage-1")
     model, report = stage1_from_hf_retrieval(hf)
-    config = model.config
-    dec, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
-    if len(tokenizer) > config.vocab_size or (dec, pad) != (config.dec_token_id, config.pad_token_id):
-        raise CheckpointError(
-            f"{src}: its tokenizer does not fit its Q-Former: {len(tokenizer)} tokens, [DEC] = {dec}, "
-            f"[PAD] = {pad}, against a vocabulary of {config.vocab_size} with [DEC] = {config.dec_token_id} "
-            f"(the last id) and [PAD] = {config.pad_token_id}. Save the tokenizer the model was trained "
-            "with (BERT's, with `[DEC]` added as the BOS token) beside it."
-        )
+    check_tokenizer_fits(tokenizer, model.config, str(src))
     vision_dir = out / "vision_model"
     hf.vision_model.save_pretrained(vision_dir)
     image_processor.save_pretrained(vision_dir)

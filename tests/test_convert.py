@@ -443,18 +443,44 @@ def test_cli_import_lavis_and_hf(tmp_path, capsys):
 def hf_retrieval_dir(directory, *, processor: bool = True) -> Blip2ForImageTextRetrieval:
     """A tiny Blip2ForImageTextRetrieval saved as a hub repository is: weights, config, and (with
     `processor`) a BERT tokenizer whose [DEC] is the vocabulary's last id, and an image processor."""
-    from transformers import BertTokenizer, BlipImageProcessor
+    from transformers import BlipImageProcessor
 
     hf = randomize_(Blip2ForImageTextRetrieval(to_hf_retrieval_config(TINY, tiny_vision_config(TINY.vision_width))))
     hf.save_pretrained(directory)
     if processor:
-        words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(TINY.vocab_size - 6)]
-        (directory / "vocab.txt").write_text("\n".join(words) + "\n")
-        tokenizer = BertTokenizer(str(directory / "vocab.txt"))
-        tokenizer.add_special_tokens({"bos_token": "[DEC]"})
-        tokenizer.save_pretrained(directory)
+        tiny_bert_tokenizer(directory).save_pretrained(directory)
         BlipImageProcessor(size={"height": 16, "width": 16}).save_pretrained(directory)
     return hf
+
+
+def tiny_bert_tokenizer(directory, size: int = TINY.vocab_size):
+    """A BERT tokenizer of `size` tokens, [PAD] = 0 and [DEC] the last, as BLIP-2's is."""
+    from transformers import BertTokenizer
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(size - 6)]
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "vocab.txt").write_text("\n".join(words) + "\n")
+    tokenizer = BertTokenizer(str(directory / "vocab.txt"))
+    tokenizer.add_special_tokens({"bos_token": "[DEC]"})
+    return tokenizer
+
+
+def test_lavis_import_with_tokenizer(tmp_path, capsys):
+    """A LAVIS file has no tokenizer: `--tokenizer` names one, checked against the Q-Former and
+    saved beside it; one that does not fit is refused before anything is written."""
+    from qformer.bert_init import load_tokenizer
+    from qformer.cli import main
+
+    torch.save(lavis_state_dict(Stage1Model(TINY)), tmp_path / "blip2.pth")
+    tiny_bert_tokenizer(tmp_path / "bert").save_pretrained(tmp_path / "bert")
+    argv = ["import", "--from", "lavis", str(tmp_path / "blip2.pth"), "--preset", "tiny", "--tokenizer"]
+    assert main([*argv, str(tmp_path / "bert"), "--out", str(tmp_path / "a")]) == 0
+    assert load_tokenizer(tmp_path / "a" / "tokenizer").bos_token_id == TINY.dec_token_id == TINY.vocab_size - 1
+
+    tiny_bert_tokenizer(tmp_path / "small", size=50).save_pretrained(tmp_path / "small")
+    assert main([*argv, str(tmp_path / "small"), "--out", str(tmp_path / "b")]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit" in err and "[DEC] = 49" in err and not (tmp_path / "b").exists()
 
 
 def test_hf_retrieval_import_describes_itself(tmp_path):
