@@ -501,7 +501,7 @@ def test_hf_retrieval_import_describes_itself(tmp_path):
         assert_close(model.ln_vision(vision(pixels)), after_norm, **TOL)
 
 
-def test_hf_retrieval_import_without_tokenizer_is_refused(tmp_path):
+def test_hf_retrieval_import_without_processor_is_refused(tmp_path):
     from qformer.hf_blip2 import import_hf_blip2
 
     hf_retrieval_dir(tmp_path / "hf", processor=False)

@@ -397,7 +397,8 @@ def test_exported_instructblip_decodes_our_greedy_tokens(exported, family, monke
             features = hf.get_image_features(
                 px, qformer_input_ids=right.input_ids, qformer_attention_mask=right.attention_mask
             ).pooler_output  # (b, q, d_llm)
-            assert_close(features, ours.soft_prompt(pixel_values=px, instructions=prompts), rtol=0, atol=1e-5)
+            # the same fp32 sums in another order; values reach about 2, so the bound is relative too
+            assert_close(features, ours.soft_prompt(pixel_values=px, instructions=prompts), rtol=1e-5, atol=1e-5)
 
         captured = []
 
