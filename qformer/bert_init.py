@@ -72,9 +72,9 @@ def load_tokenizer(name_or_path: str | Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: Any, source: str) -> None:
+def check_tokenizer_fits(tokenizer: PreTrainedTokenizerBase, config: QFormerConfig, source: str) -> None:
     """Refuse a tokenizer whose vocabulary, [DEC] or [PAD] id disagrees with the Q-Former
-    `config` (a `QFormerConfig`) that `source` was trained with."""
+    `config` that `source` was trained with."""
     dec, pad = tokenizer.bos_token_id, tokenizer.pad_token_id
     if len(tokenizer) > config.vocab_size or (dec, pad) != (config.dec_token_id, config.pad_token_id):
         raise ValueError(

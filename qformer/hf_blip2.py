@@ -53,6 +53,7 @@ import copy
 import inspect
 import json
 import re
+from collections.abc import Callable
 from itertools import chain
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -626,8 +627,8 @@ def _import_stage2(src: str | Path, out: Path) -> LoadReport:
     out = out.resolve()  # the specs hold absolute paths, as the bridges' own specs do
     manifest = _read_manifest(src)
     hf = Blip2ForConditionalGeneration.from_pretrained(src).eval()
-    tokenizer = _load_part(AutoTokenizer, src, "tokenizer")
-    image_processor = _load_part(AutoImageProcessor, src, "image processor (preprocessor_config.json)")
+    tokenizer = _load_part(AutoTokenizer.from_pretrained, src, "tokenizer")
+    image_processor = _load_part(AutoImageProcessor.from_pretrained, src, "image processor (preprocessor_config.json)")
 
     vision_config = hf.config.vision_config
     qformer_config = from_hf_qformer_config(
@@ -687,7 +688,7 @@ def _import_stage1(src: str | Path, out: Path) -> LoadReport:
 
     out = out.resolve()  # the tower's spec holds an absolute path, as the bridges' own specs do
     hf = Blip2ForImageTextRetrieval.from_pretrained(src).eval()
-    image_processor = _load_part(AutoImageProcessor, src, "image processor (preprocessor_config.json)", "stage-1")
+    image_processor = _load_part(AutoImageProcessor.from_pretrained, src, "image processor (preprocessor_config.json)", "stage-1")
     tokenizer = _load_part(load_tokenizer, src, "BERT tokenizer", "stage-1")
     model, report = stage1_from_hf_retrieval(hf)
     check_tokenizer_fits(tokenizer, model.config, str(src))
@@ -712,10 +713,10 @@ def _read_manifest(src: str | Path) -> dict[str, Any]:
     return manifest if manifest.get("format") == FORMAT else {}
 
 
-def _load_part(load: Any, src: str | Path, what: str, kind: str = "stage-2") -> Any:
-    """`load.from_pretrained(src)` (or `load(src)` for a function), failing with what is missing."""
+def _load_part(load: Callable[[Any], Any], src: str | Path, what: str, kind: str = "stage-2") -> Any:
+    """`load(src)`, failing with what is missing and how to save it."""
     try:
-        return load.from_pretrained(src) if hasattr(load, "from_pretrained") else load(src)
+        return load(src)
     except (OSError, ValueError) as error:
         raise FileNotFoundError(
             f"{src} has no usable {what}: a {kind} checkpoint needs it. Save the Blip2Processor beside "
