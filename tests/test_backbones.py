@@ -144,6 +144,15 @@ def test_world_bert_learns_the_masked_words_and_its_tokenizer_covers_the_world(t
         check_tokenizer_covers(out, world)
 
 
+def test_world_bert_stops_when_its_time_budget_runs_out(tmp_path):
+    out = backbones.train_world_bert("simple", tmp_path / "bert", steps=100_000, batch_size=8, hidden=32, layers=1,
+                                     heads=2, intermediate=64, n_texts=200, time_budget_s=1.0)  # fmt: skip
+    info = json.loads((Path(out) / "bert_train_info.txt").read_text())
+    assert 0 < info["steps_done"] < 100_000 and info["steps"] == 100_000
+    assert info["seconds"] < 5.0
+    assert (Path(out) / "config.json").is_file()
+
+
 def test_epoch_order_keeps_twins_in_one_batch():
     from qformer.world.backbones import epoch_order
 

@@ -37,6 +37,48 @@ def test_minutes_scale_fits_the_three_trainings_into_the_time_left():
     assert minutes_scale(1000.0, plan, 0.5, 0.3, side_by_side=True) == pytest.approx(850 / 71)
 
 
+def test_plan_scaled_keeps_a_floor_and_no_fine_tune():
+    from qformer.demo import DemoPlan
+
+    plan = DemoPlan(stage1_steps=600, stage2_steps=400, retrieval_steps=150).scaled(0.5)
+    assert (plan.stage1_steps, plan.stage2_steps, plan.retrieval_steps) == (300, 200, 75)
+    plan = DemoPlan(stage1_steps=600, stage2_steps=4, retrieval_steps=0).scaled(0.01)
+    assert (plan.stage1_steps, plan.stage2_steps, plan.retrieval_steps) == (10, 4, 0)
+    assert DemoPlan(stage1_steps=100).scaled(1.5).stage1_steps == 150
+
+
+def test_backbone_budgets_are_the_reference_shares_of_the_minutes():
+    from qformer.demo import BACKBONE_TIMES, backbone_budgets
+
+    t = BACKBONE_TIMES["simple"]
+    budgets = backbone_budgets("simple", t.total_s / 2)  # half the reference run: half of each
+    assert budgets == pytest.approx({"vit": t.vit_s / 2, "lm": t.lm_s / 2, "bert": t.bert_s / 2})
+    # 30 minutes of the full world, 1.12x its reference run: budgets a slower machine may reach
+    full = BACKBONE_TIMES["full"]
+    assert backbone_budgets("full", 1800.0)["vit"] == pytest.approx(full.vit_s * 1800.0 / full.total_s)
+
+
+@pytest.mark.slow
+def test_demo_minutes_budget_the_backbones_too(tmp_path, monkeypatch):
+    import qformer.demo
+
+    monkeypatch.setenv("QFORMER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("QFORMER_SIDE_BY_SIDE", "0")
+    # as if the reference run had taken a million times longer: every backbone's budget runs out
+    # before its second step
+    t = qformer.demo.BACKBONE_TIMES["simple"]
+    slow = qformer.demo.BackboneTimes(total_s=t.total_s * 1e6, vit_s=t.vit_s, lm_s=t.lm_s, bert_s=t.bert_s)
+    monkeypatch.setitem(qformer.demo.BACKBONE_TIMES, "simple", slow)
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--fast", "--minutes", "0.5"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["calibration"]["backbone_budgets_s"]["vit"] == pytest.approx(t.vit_s * 30 / slow.total_s, abs=0.1)
+    cache = tmp_path / "cache"
+    for pattern in ("vit-*/vit_train_info.txt", "llm-*/lm_train_info.txt", "bert-*/bert_train_info.txt"):
+        info = json.loads(next(cache.glob(pattern)).read_text())
+        assert info["steps_done"] < info["steps"] == 2, pattern  # the fast backbones' 2 steps
+
+
 @pytest.mark.slow
 def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("QFORMER_CACHE", str(tmp_path / "cache"))
@@ -48,7 +90,8 @@ def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
     assert main(["demo", "--out", str(out), "--fast", "--minutes", "0.5"]) == 0
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["calibration"]["stage1_s_per_step"] > 0 and metrics["calibration"]["stage2_s_per_step"] > 0
-    assert metrics["calibration"]["scale"] == 0.1 and metrics["plan"]["stage1_steps"] == 10
+    # 0.1 of the fast plan's 4 steps: the floor of 10 steps, or the plan's own count if fewer
+    assert metrics["calibration"]["scale"] == 0.1 and metrics["plan"]["stage1_steps"] == 4
     assert not (out / "calibration").exists()
     for scores in (metrics["retrieval"]["itc"], metrics["retrieval"]["itm"]):
         assert {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"} <= set(scores)
