@@ -23,8 +23,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: install
 	$(PY) -m pytest -q
 
-# BLIP-2 end to end on ShapesWorld: about 10 minutes on a 2-core CPU the first time (it trains
-# and caches its backbones), about 5 minutes after
+# BLIP-2 end to end on ShapesWorld: 9 to 12 minutes on a 2-core CPU the first time, by the
+# machine's speed (it trains and caches its backbones), about 5 minutes after
 demo: install
 	$(PY) -m qformer demo --out runs/demo
 

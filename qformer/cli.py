@@ -213,7 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="blip2 (default): the two-stage Q-Former; blip: the BLIP baseline; capfilt: BLIP's data bootstrapping",
     )  # fmt: skip
     p.add_argument("--minutes", type=float, default=None, help="the whole run in about this many minutes, backbones included: "
-                   "the training steps are scaled from a few timed steps of each stage")
+                   "each backbone trains for at most its share of them, and the stages' steps are scaled from a few "
+                   "timed steps of each")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fast", action="store_true", help="a seconds-long smoke run (tiny budgets; numbers meaningless)")
     p.set_defaults(func=_demo)

@@ -33,7 +33,7 @@ VQA_TEMPLATE = ". question : {} answer :"
 class DemoPlan:
     """How much of everything: the only knobs the demo has. `scaled` stretches every training
     budget (`--minutes` sets the factor from the time left after the backbones and a few timed
-    steps of each stage; the simple world's time limit, from the time left and the ViT's speed)."""
+    steps of each stage)."""
 
     n_train: int = 5000
     n_test: int = 500

@@ -576,8 +576,8 @@ def train_world_lm(
     model.eval()
     model.save_pretrained(out_dir)
     tok.save_pretrained(out_dir)
-    info = {"kind": kind, "level": world_level, "num_queries": num_queries, "filler": filler, "steps_done": step, "steps": steps,
-            "seconds": seconds, "final_loss": last, "seed": seed}  # fmt: skip
+    info = {"kind": kind, "level": world_level, "num_queries": num_queries, "filler": filler, "steps_done": step,
+            "steps": steps, "seconds": seconds, "final_loss": last, "seed": seed}  # fmt: skip
     (out_dir / "lm_train_info.txt").write_text(json.dumps(info, indent=2) + "\n")
     return str(out_dir)
 
@@ -827,7 +827,7 @@ def bert_settings(level: str, seed: int, fast: bool) -> dict[str, Any]:
     # the trunk of the demo's Q-Former (qformer.demo.DemoSettings reads its shape from the checkpoint)
     # (every training argument is here, so that the cache key changes with any of them). The
     # simple world's takes 300 steps (about 80 s on one thread beside the ViT), so that the LM and
-    # it end no later than the ViT's cheaper steps: stage 1 (625 steps, one ViT's cached features)
+    # it end about when the ViT's cheaper steps do: stage 1 (625 steps, one ViT's cached features)
     # from it reached ITC R@1 0.928 / 0.955, from a 400-step one 0.910 / 0.952
     train: dict[str, Any] = {"steps": 300 if level == "simple" else 400, "batch_size": 128, "lr": 2e-3, "hidden": 128,
                              "layers": 4, "heads": 4, "intermediate": 256, "max_positions": 64, "n_texts": 20000,
