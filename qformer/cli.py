@@ -11,13 +11,34 @@ import sys
 from pathlib import Path
 
 
+def _vision_spec(value: str) -> dict:
+    """`--vision`: a JSON mapping, or a YAML / JSON file holding one (a recipe config: its `vision`)."""
+    from recipes.config import read_yaml
+
+    if value.lstrip().startswith("{"):
+        try:
+            spec = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"--vision {value!r} is not valid JSON ({e}).") from None
+    else:
+        spec = read_yaml(value)
+        spec = spec.get("vision", spec)
+    if not isinstance(spec, dict) or "name" not in spec:
+        raise ValueError(
+            f"--vision {value!r}: expected a mapping like {{\"source\": \"open_clip\", \"name\": ..., "
+            "\"pretrained\": ..., \"layer\": -2}, or a config file with such a `vision:` section."
+        )
+    return spec
+
+
 def _import(args: argparse.Namespace) -> int:
     from qformer import convert
     from qformer.config import QFormerConfig
 
     out = Path(args.out)
-    if args.tokenizer and args.source_format != "lavis":
-        raise ValueError("--tokenizer is for --from lavis; a transformers directory brings its own tokenizer.")
+    for flag, value in (("--tokenizer", args.tokenizer), ("--vision", args.vision)):
+        if value and args.source_format != "lavis":
+            raise ValueError(f"{flag} is for --from lavis; a transformers directory brings its own.")
     if args.source_format == "lavis":
         state_dict = convert.load_lavis_checkpoint(args.src)
         # LAVIS files hold no config: the preset gives the trunk, the tensors give the rest
@@ -34,7 +55,18 @@ def _import(args: argparse.Namespace) -> int:
 
             tokenizer = load_tokenizer(args.tokenizer)
             check_tokenizer_fits(tokenizer, config, args.tokenizer)
-        model.save_pretrained(out)
+        vision = None
+        if args.vision:  # nor a tower: the one named here is built once, to check what it feeds ln_vision
+            from bridges.vision import VisionBridge
+
+            vision = _vision_spec(args.vision)
+            bridge = VisionBridge.from_spec(vision)
+            if bridge.width != config.vision_width:
+                raise ValueError(
+                    f"--vision {vision['name']!r} gives tokens {bridge.width} wide, but the file's ln_vision reads "
+                    f"{config.vision_width}: name the tower it was trained with (BLIP-2's EVA ViT-g: 1408, layer -2)."
+                )
+        model.save_pretrained(out, extra={"vision": vision} if vision else None)
         if tokenizer is not None:
             tokenizer.save_pretrained(out / "tokenizer")
         kind = "stage-1"
@@ -350,6 +382,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="blip2", help="architecture of a LAVIS file (default: blip2)")
     p.add_argument("--tokenizer", help="with --from lavis: the BERT tokenizer the file was trained with "
                    "(e.g. bert-base-uncased; [DEC] is added), saved as OUT/tokenizer so that init_from= takes OUT")
+    p.add_argument("--vision", help="with --from lavis: the frozen tower the file was trained with, as a JSON "
+                   "mapping ({\"source\": \"open_clip\", \"name\": ..., \"pretrained\": ..., \"layer\": -2}) or a config "
+                   "file with a `vision:` section; checked against ln_vision and written to OUT/config.json, so that "
+                   "`qformer eval --task retrieval` (with --tokenizer) takes OUT")
     p.set_defaults(func=_import)
     return parser
 

@@ -5,6 +5,7 @@ The parity tests (`pytest -k parity`) copy random weights between a tiny transfo
 Nothing is downloaded: every model is built here.
 """
 
+import json
 import re
 
 import pytest
@@ -481,6 +482,42 @@ def test_lavis_import_with_tokenizer(tmp_path, capsys):
     assert main([*argv, str(tmp_path / "small"), "--out", str(tmp_path / "b")]) == 2
     err = capsys.readouterr().err
     assert "does not fit" in err and "[DEC] = 49" in err and not (tmp_path / "b").exists()
+
+
+def test_lavis_import_with_vision_tower_is_ready_for_retrieval_eval(tmp_path, capsys):
+    """A LAVIS file has no tower either: `--vision` names one (JSON, or a config file's `vision:`),
+    checked against ln_vision's width and written to the checkpoint's config, so that with
+    `--tokenizer` retrieval evaluation loads the import as it is; a tower of another width is
+    refused before anything is written."""
+    from tiny_models import save_open_clip_vit
+
+    from qformer.cli import main
+    from qformer.evaluate import load_stage1
+
+    torch.save(lavis_state_dict(Stage1Model(TINY)), tmp_path / "blip2.pth")
+    tiny_bert_tokenizer(tmp_path / "bert").save_pretrained(tmp_path / "bert")
+    name, weights = save_open_clip_vit(tmp_path / "vit", "qformer-test-lavis-vit", image_size=16, width=TINY.vision_width)
+    spec = {"source": "open_clip", "name": name, "pretrained": weights, "layer": -2}
+    argv = ["import", "--from", "lavis", str(tmp_path / "blip2.pth"), "--preset", "tiny", "--tokenizer", str(tmp_path / "bert")]
+    assert main([*argv, "--vision", json.dumps(spec), "--out", str(tmp_path / "a")]) == 0
+    model, tokenizer, vision = load_stage1(tmp_path / "a")
+    assert vision.spec["name"] == name and vision.width == TINY.vision_width
+    with torch.no_grad():
+        tokens = vision(torch.randn(2, 3, 16, 16))
+        feats = model.encode_image(tokens)[1]
+    assert tokens.shape == (2, 5, TINY.vision_width) and feats.shape == (2, TINY.num_query_tokens, TINY.embed_dim)
+
+    (tmp_path / "run.yaml").write_text(f"recipe: stage1\nvision:\n  source: open_clip\n  name: {name}\n  pretrained: {weights}\n")
+    assert main([*argv, "--vision", str(tmp_path / "run.yaml"), "--out", str(tmp_path / "b")]) == 0
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["vision"]["pretrained"] == weights
+
+    wide, wide_weights = save_open_clip_vit(tmp_path / "vit", "qformer-test-lavis-vit-wide", image_size=16, width=32)
+    wrong = json.dumps({"source": "open_clip", "name": wide, "pretrained": wide_weights})
+    assert main([*argv, "--vision", wrong, "--out", str(tmp_path / "c")]) == 2
+    err = capsys.readouterr().err
+    assert "32 wide" in err and f"reads {TINY.vision_width}" in err and not (tmp_path / "c").exists()
+    assert main([*argv, "--vision", '{"source": "open_clip"', "--out", str(tmp_path / "d")]) == 2
+    assert "not valid JSON" in capsys.readouterr().err
 
 
 def test_hf_retrieval_import_describes_itself(tmp_path):
