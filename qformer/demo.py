@@ -116,7 +116,8 @@ class BackboneTimes:
 
 
 BACKBONE_TIMES = {
-    # the default plan; ViT 1800 steps at about 0.15 s, LM 1500 steps, BERT 300 (December 2026)
+    # the default plan (ViT 1800 steps, LM 1500, BERT 300), estimated from runs AA and A (December
+    # 2026); run AC, a fresh clone at the machine's usual speed, measured 272, 198 and 80 s in 589
     "simple": BackboneTimes(total_s=596.0, vit_s=270.0, lm_s=200.0, bert_s=80.0),
     # run 12 (`--minutes 30`): ViT 3000 steps 622 s, LM 1500 steps 389 s, BERT 400 steps 218 s
     "full": BackboneTimes(total_s=1611.0, vit_s=622.0, lm_s=389.0, bert_s=218.0),
