@@ -532,6 +532,10 @@ class BlipModel(nn.Module):
         self._require("retrieval")
         return self._encode_text(input_ids, attention_mask)
 
+    def text_features(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        """The normalised ITC feature of each text's [CLS] (b, e), as `Stage1Model.text_features`."""
+        return self.encode_text(input_ids, attention_mask)[1]
+
     def _encode_image(self, image_embeds: Tensor) -> tuple[Tensor, Tensor]:
         cls = image_embeds[:, 0]  # (b, d_v)
         return cls, F.normalize(self.vision_proj(cls), dim=-1)

@@ -624,7 +624,7 @@ def _retrieval_examples(checkpoint: Path, records: list[dict], root: Path, n: in
         _, image_feats = model.encode_image(tokens)
         queries = [evaluate.references(r)[0] for r in records[:n]]
         text = tokenizer(queries, padding="longest", return_tensors="pt")
-        _, text_feats = model.encode_text(text.input_ids, text.attention_mask)
+        text_feats = model.text_features(text.input_ids, text.attention_mask)
         scores = model.itc_scores(image_feats, text_feats).T  # (queries, images)
     examples = []
     for q, (query, row) in enumerate(zip(queries, scores)):

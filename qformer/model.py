@@ -26,7 +26,7 @@ hs head size (d / h).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Literal, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -91,16 +91,24 @@ class Attention(nn.Module):
         mask: Tensor | None = None,
         kv: KV | None = None,
         past_kv: KV | None = None,
+        rows: slice | None = None,
     ) -> tuple[Tensor, KV]:
         """Attend from `x` (b, L, d); `kv` given means cross-attention, else self-attention.
 
         `past_kv` (self-attention only) are keys/values of earlier positions placed before those
-        of `x`. Returns the block output (b, L, d) and the keys/values that were attended to.
+        of `x`. `rows`: compute the output of these positions of `x` only (every position is still
+        a key); the rows of `mask` are those of all of `x`. Returns the block output (b, L, d), or
+        (b, len(rows), d), and the keys/values that were attended to.
         """
+        inputs = x
+        if rows is not None:
+            x = x[:, rows]
+            if mask is not None and mask.shape[2] != 1:
+                mask = mask[:, :, rows]
         b, L, d = x.shape
         q = self._heads(self.q(x))  # (b, h, L, hs)
         if kv is None:
-            k, v = self.kv(x)
+            k, v = self.kv(inputs)
             if past_kv is not None:
                 k = torch.cat([past_kv[0], k], dim=2)  # (b, h, P + L, hs)
                 v = torch.cat([past_kv[1], v], dim=2)
@@ -146,12 +154,15 @@ class QFormerLayer(nn.Module):
         mask: Tensor | None,
         image_kv: KV | None,
         past_kv: KV | None,
+        rows: slice | None = None,
     ) -> tuple[Tensor, KV]:
-        """x (b, q + t, d) with the first `num_queries` positions being queries."""
-        x, (k, v) = self.self_attn(x, mask=mask, past_kv=past_kv)
-        query, text = x[:, :num_queries], x[:, num_queries:]  # (b, q, d), (b, t, d)
+        """x (b, q + t, d) with the first `num_queries` positions being queries. `rows`: the
+        positions whose outputs are computed (all by default); the others are only keys."""
+        x, (k, v) = self.self_attn(x, mask=mask, past_kv=past_kv, rows=rows)
+        kept_queries = num_queries if rows is None else len(range(num_queries)[rows])
+        query, text = x[:, :kept_queries], x[:, kept_queries:]  # (b, q, d), (b, t, d)
         parts = []
-        if num_queries:
+        if kept_queries:
             if self.cross_attn is not None:
                 query, _ = self.cross_attn(query, kv=image_kv)  # cross-attention on queries only
             parts.append(self.ffn_query(query))
@@ -249,6 +260,7 @@ class QFormer(nn.Module):
         use_queries: bool = True,
         past_kv: list[KV] | None = None,
         return_cache: bool = False,
+        outputs: Literal["all", "queries", "first"] = "all",
     ) -> QFormerOutput:
         """One pass over [queries; text].
 
@@ -261,6 +273,11 @@ class QFormer(nn.Module):
         past_kv: `query_cache` of an earlier pass; the text then attends to those query keys as if
             the queries were present (the mask's keys are [cached queries; text]).
         return_cache: keep each layer's query keys/values in the output's `query_cache`.
+        outputs: the positions whose last-layer outputs are computed: "all"; "queries" (the ITM
+            and instruction passes read nothing else); "first" (the [CLS] of a text-only pass, all
+            that ITC reads of it). The last layer then skips the query projection, the attention
+            and the feed-forward of the other rows (their keys and values are still computed), so
+            `hidden_states` holds only the rows asked for, with the values the full pass gives them.
         """
         cfg = self.config
         # step 1: validate the inputs, so that mistakes read as what to change, not as torch errors
@@ -274,6 +291,10 @@ class QFormer(nn.Module):
             image_kv = self.image_kv(image_embeds)
         if input_ids is not None:
             self._check_text(input_ids)
+        if outputs not in ("all", "queries", "first"):
+            raise ValueError(f"`outputs` must be 'all', 'queries' or 'first', not {outputs!r}.")
+        if outputs == "queries" and not use_queries:
+            raise ValueError("`outputs='queries'` needs a pass with queries (`use_queries=True`).")
 
         # step 2: embed [queries; text]
         b = input_ids.shape[0] if input_ids is not None else _kv_batch(image_kv)
@@ -282,6 +303,7 @@ class QFormer(nn.Module):
         num_queries = cfg.num_query_tokens if use_queries else 0
 
         # step 3: the layers; queries cross-attend to the image where a layer has cross-attention
+        last_rows = {"all": None, "queries": slice(0, num_queries), "first": slice(0, 1)}[outputs]
         cache = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(
@@ -290,8 +312,11 @@ class QFormer(nn.Module):
                 mask=mask,
                 image_kv=image_kv[i] if image_kv is not None else None,
                 past_kv=past_kv[i] if past_kv is not None else None,
+                rows=last_rows if i == len(self.layers) - 1 else None,
             )
             cache.append(layer_cache)
+        if last_rows is not None:
+            num_queries = len(range(num_queries)[last_rows])
         return QFormerOutput(x, num_queries, cache if return_cache else None)
 
     def forward_queries(
@@ -329,7 +354,7 @@ class QFormer(nn.Module):
                 f"{images} images but {instruction_ids.shape[0]} instructions: pass one instruction per image."
             )
         mask = bidirectional_mask(self.config.num_query_tokens, instruction_mask)  # (b, 1, q + t, q + t)
-        out = self(input_ids=instruction_ids, mask=mask, image_embeds=image_embeds, image_kv=image_kv)
+        out = self(input_ids=instruction_ids, mask=mask, image_embeds=image_embeds, image_kv=image_kv, outputs="queries")
         return out.query_output  # (b, q, d)
 
     def _check_text(self, input_ids: Tensor) -> None:

@@ -186,6 +186,12 @@ class Stage1Model(nn.Module):
         hidden = out.hidden_states
         return hidden, F.normalize(self.text_proj(hidden[:, 0]), dim=-1)
 
+    def text_features(self, input_ids: Tensor, text_mask: Tensor) -> Tensor:
+        """The normalised ITC feature (b, e) of each text's [CLS]: `encode_text` without the other
+        rows' last-layer outputs, which ITC never reads."""
+        out = self.qformer(input_ids=input_ids, mask=masks.text_only_mask(text_mask), use_queries=False, outputs="first")
+        return F.normalize(self.text_proj(out.hidden_states[:, 0]), dim=-1)
+
     def itc_scores(self, image_feats: Tensor, text_feats: Tensor) -> Tensor:
         """Cosine similarity (best query) of every image (I, q, e) with every text (T, e): (I, T)."""
         return torch.einsum("iqe,te->itq", image_feats, text_feats).amax(dim=-1)
@@ -194,7 +200,7 @@ class Stage1Model(nn.Module):
         """ITM logits (b, 2) of pairs (image_embeds[i], text[i]), averaged over the queries."""
         image = self.vision_tokens(image_embeds)
         mask = masks.bidirectional_mask(self.config.num_query_tokens, text_mask)
-        out = self.qformer(input_ids=input_ids, mask=mask, image_embeds=image)
+        out = self.qformer(input_ids=input_ids, mask=mask, image_embeds=image, outputs="queries")
         return self.itm_head(out.query_output).mean(dim=1)
 
     # ------------------------------------------------------------------ training
@@ -235,7 +241,7 @@ class Stage1Model(nn.Module):
         image_feats = F.normalize(self.vision_proj(query_pass.query_output), dim=-1)  # (b, q, e)
 
         # step 3: text pass (text side of ITC): no queries, no image
-        _, text_feat = self.encode_text(input_ids, text_mask)  # (b, e)
+        text_feat = self.text_features(input_ids, text_mask)  # (b, e)
 
         # step 4: ITC
         itc = itc_loss(
@@ -279,6 +285,7 @@ class Stage1Model(nn.Module):
             input_ids=itm_ids,
             mask=masks.bidirectional_mask(q, itm_text_mask),
             image_kv=itm_kv,
+            outputs="queries",  # the ITM head reads the queries only
         )
         itm_logits = self.itm_head(itm_pass.query_output).mean(dim=1)  # (3b, 2)
         itm = itm_loss(itm_logits, num_positives=b)

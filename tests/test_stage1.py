@@ -41,6 +41,55 @@ def test_reuse_leaves_every_loss_and_gradient_unchanged():
         torch.testing.assert_close(g_fast[name], g_slow[name], rtol=1e-4, atol=1e-6, msg=name)
 
 
+def test_last_layer_pruning_leaves_every_loss_and_gradient_unchanged(monkeypatch):
+    """The ITM pass computes only the queries' last-layer rows and the ITC text pass only [CLS]'s:
+    against the same model with every pass computing every row, the losses and gradients agree."""
+    pruned = Stage1Model(CFG, itm_negatives="hardest")
+    full = Stage1Model(CFG, itm_negatives="hardest")
+    full.load_state_dict(pruned.state_dict())
+    image, ids, mask = batch()
+    out_pruned = pruned(image, ids, mask)
+    out_pruned["loss"].backward()
+    calls = []
+    forward = QFormer.forward
+
+    def every_row(self, **kwargs):
+        calls.append(kwargs.pop("outputs", "all"))
+        return forward(self, **kwargs)
+
+    monkeypatch.setattr(QFormer, "forward", every_row)
+    out_full = full(image, ids, mask)
+    out_full["loss"].backward()
+    assert sorted(calls) == ["all", "all", "first", "queries"]  # query pass, ITG, ITC text, ITM
+    for key in ("itc", "itm", "itg", "loss"):
+        torch.testing.assert_close(out_pruned[key], out_full[key], rtol=1e-5, atol=1e-6)
+    g_pruned, g_full = grads(pruned), grads(full)
+    assert g_pruned.keys() == g_full.keys()
+    for name in g_pruned:
+        torch.testing.assert_close(g_pruned[name], g_full[name], rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_pruned_passes_give_the_full_pass_rows():
+    qf = QFormer(CFG).eval()
+    image, ids, mask = batch()
+    m = masks.bidirectional_mask(CFG.num_query_tokens, mask)
+    full = qf(input_ids=ids, mask=m, image_embeds=image)
+    queries = qf(input_ids=ids, mask=m, image_embeds=image, outputs="queries")
+    assert queries.hidden_states.shape == (4, CFG.num_query_tokens, CFG.hidden_size)
+    assert queries.text_output.shape[1] == 0
+    torch.testing.assert_close(queries.query_output, full.query_output)
+    text = qf(input_ids=ids, mask=masks.text_only_mask(mask), use_queries=False)
+    cls = qf(input_ids=ids, mask=masks.text_only_mask(mask), use_queries=False, outputs="first")
+    assert cls.hidden_states.shape == (4, 1, CFG.hidden_size)
+    torch.testing.assert_close(cls.text_output, text.text_output[:, :1])
+    model = Stage1Model(CFG).eval()
+    torch.testing.assert_close(model.text_features(ids, mask), model.encode_text(ids, mask)[1])
+    with pytest.raises(ValueError, match="needs a pass with queries"):
+        qf(input_ids=ids, mask=masks.text_only_mask(mask), use_queries=False, outputs="queries")
+    with pytest.raises(ValueError, match="'all', 'queries' or 'first'"):
+        qf(image_embeds=image, outputs="text")
+
+
 def test_itg_loss_reaches_queries_and_cross_attention_through_the_cache():
     model = Stage1Model(CFG)
     image, ids, mask = batch()

@@ -130,7 +130,7 @@ def _text_feats(model: Stage1Model, input_ids: Tensor, text_mask: Tensor, batch_
     """Normalised ITC features (T, e) of every text, on the model's device."""
     device = _device(model)
     chunks = [
-        model.encode_text(ids.to(device), mask.to(device))[1]
+        model.text_features(ids.to(device), mask.to(device))
         for ids, mask in zip(input_ids.split(batch_size), text_mask.split(batch_size))
     ]
     return torch.cat(chunks)
