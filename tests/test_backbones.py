@@ -45,6 +45,54 @@ def test_lm_example_pads_the_scene_slot():
     assert backbones.lm_example(long, num_queries=4)[0] == "scene : a b c d e f g h i j ."
 
 
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_scene_slot_start_points_at_the_padded_scene_words(kind):
+    pairs = [backbones.lm_example(t, num_queries=8) for t in TEXTS[:6]]
+    tok = backbones.world_tokenizer([c + " " + t for c, t in pairs], kind)
+    newline = tok("\n", add_special_tokens=False)["input_ids"][0]
+    ids = backbones._lm_batch(kind, tok, pairs, newline)["input_ids"]
+    start = backbones.scene_slot_start(kind, tok)
+    for row, (context, _) in zip(ids, pairs):
+        words = context.split()[2:-1]  # "scene : w1 .. w8 ."
+        assert tok.decode(row[start : start + 8]).split() == words
+
+
+def test_blend_scene_slot_by_hand():
+    embeds = torch.randn(3, 12, 5)
+    out = backbones.blend_scene_slot(embeds, 2, 4, torch.tensor([0.0, 1.0, 0.25]))
+    mean = embeds[:, 2:6].mean(dim=1)
+    torch.testing.assert_close(out[0], embeds[0])  # a = 0: unchanged
+    torch.testing.assert_close(out[1, 2:6], mean[1].expand(4, 5))  # a = 1: every position the mean
+    torch.testing.assert_close(out[2, 3], 0.75 * embeds[2, 3] + 0.25 * mean[2])
+    torch.testing.assert_close(out[:, :2], embeds[:, :2])
+    torch.testing.assert_close(out[:, 6:], embeds[:, 6:])  # outside the slot: untouched
+    with pytest.raises(ValueError, match="runs past"):
+        backbones.blend_scene_slot(embeds, 10, 4, torch.zeros(3))
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_train_world_lm_blends_the_scene_slot(kind, tmp_path, monkeypatch):
+    seen = []
+    blend = backbones.blend_scene_slot
+
+    def spy(embeds, start, length, alpha):
+        seen.append((start, length, alpha.clone()))
+        return blend(embeds, start, length, alpha)
+
+    monkeypatch.setattr(backbones, "blend_scene_slot", spy)
+    small = dict(steps=3, batch_size=8, hidden=32, layers=1, heads=2, n_texts=100, log_every=100)
+    backbones.train_world_lm(kind, "simple", tmp_path / "plain", **small)
+    assert seen == []  # off by default
+    backbones.train_world_lm(kind, "simple", tmp_path / "blend", slot_blend=0.5, **small)
+    assert len(seen) == 3 and all(s[:2] == (3 if kind == "opt" else 2, 8) for s in seen)
+    alphas = torch.cat([s[2] for s in seen])
+    assert alphas.shape == (24,) and 0.0 <= alphas.min() and alphas.max() <= 0.5 and alphas.std() > 0
+    info = json.loads((tmp_path / "blend" / "lm_train_info.txt").read_text())
+    assert info["slot_blend"] == 0.5 and info["steps_done"] == 3
+    with pytest.raises(ValueError, match="slot_blend"):
+        backbones.train_world_lm(kind, "simple", tmp_path / "bad", slot_blend=1.5, **small)
+
+
 def test_vit_config_and_position_embedding_scale(tmp_path):
     config = backbones._vit_config(image_size=32, patch_size=8, width=64, layers=1, heads=2, embed_dim=16,
                                    vocab_size=20, context_length=8, text_width=32, text_layers=1)  # fmt: skip
