@@ -4,9 +4,9 @@ The reference is the original's compute pattern in the same process: the ITM pas
 image tokens to cross-attention keys/values again for all 3b pairs (the original feeds the ITM
 pass `image_embeds` [pos; neg; pos]), and every pass computes every row of its last layer (the
 ITM head reads only the queries' rows, ITC only the text's [CLS]), while the ITG pass reuses the
-query pass's cache as the original does. Each of our two savings is also timed alone. Also times
-our query-only pass against transformers' `Blip2QFormerModel` on the same weights. Prints
-ratios; nothing here asserts a time.
+query pass's cache as the original does. Each of our two savings is also timed without the
+other. Also times our query-only pass against transformers' `Blip2QFormerModel` on the same
+weights. Prints ratios; nothing here asserts a time.
 
     python benchmarks/stage1_step.py [--preset blip2 | --config DIR/config.json] [--batch 8]
         [--layers 12] [--image-tokens 257] [--text-len 32] [--repeats 3]

@@ -196,7 +196,7 @@ class TextEmbeddings(nn.Module):
 
 @dataclass
 class QFormerOutput:
-    hidden_states: Tensor  # (b, q + t, d), queries first
+    hidden_states: Tensor  # (b, q + t, d), queries first; only the rows asked for by `outputs`
     num_queries: int
     # per layer, self-attention keys/values of the query positions; see `QFormer.forward`
     query_cache: list[KV] | None = None
@@ -295,6 +295,8 @@ class QFormer(nn.Module):
             raise ValueError(f"`outputs` must be 'all', 'queries' or 'first', not {outputs!r}.")
         if outputs == "queries" and not use_queries:
             raise ValueError("`outputs='queries'` needs a pass with queries (`use_queries=True`).")
+        if outputs == "first" and use_queries:
+            raise ValueError("`outputs='first'` is the [CLS] of a text-only pass: pass `use_queries=False` with it.")
 
         # step 2: embed [queries; text]
         b = input_ids.shape[0] if input_ids is not None else _kv_batch(image_kv)

@@ -89,8 +89,18 @@ def test_train_world_lm_blends_the_scene_slot(kind, tmp_path, monkeypatch):
     assert alphas.shape == (24,) and 0.0 <= alphas.min() and alphas.max() <= 0.5 and alphas.std() > 0
     info = json.loads((tmp_path / "blend" / "lm_train_info.txt").read_text())
     assert info["slot_blend"] == 0.5 and info["steps_done"] == 3
+    # same seed, data and order: the blended embeddings are what made the weights differ
+    from safetensors.torch import load_file
+
+    plain, blended = load_file(tmp_path / "plain" / "model.safetensors"), load_file(tmp_path / "blend" / "model.safetensors")
+    assert plain.keys() == blended.keys() and any(not torch.equal(plain[k], blended[k]) for k in plain)
+    again = tmp_path / "plain2"
+    backbones.train_world_lm(kind, "simple", again, **small)
+    assert all(torch.equal(plain[k], t) for k, t in load_file(again / "model.safetensors").items())
     with pytest.raises(ValueError, match="slot_blend"):
         backbones.train_world_lm(kind, "simple", tmp_path / "bad", slot_blend=1.5, **small)
+    with pytest.raises(ValueError, match="raise `num_queries`"):  # "big red circle top left" is 5 words
+        backbones.train_world_lm(kind, "simple", tmp_path / "short", slot_blend=0.5, **{**small, "num_queries": 3})
 
 
 def test_vit_config_and_position_embedding_scale(tmp_path):

@@ -88,6 +88,22 @@ def test_pruned_passes_give_the_full_pass_rows():
         qf(input_ids=ids, mask=masks.text_only_mask(mask), use_queries=False, outputs="queries")
     with pytest.raises(ValueError, match="'all', 'queries' or 'first'"):
         qf(image_embeds=image, outputs="text")
+    with pytest.raises(ValueError, match="text-only pass"):
+        qf(input_ids=ids, mask=m, image_embeds=image, outputs="first")
+
+
+def test_pruned_pass_keeps_the_query_cache_and_the_cached_text_rows():
+    qf = QFormer(CFG).eval()
+    image, ids, mask = batch()
+    full = qf(image_embeds=image, return_cache=True)
+    pruned = qf(image_embeds=image, return_cache=True, outputs="queries")
+    for (k1, v1), (k2, v2) in zip(full.query_cache, pruned.query_cache):
+        assert torch.equal(k1, k2) and torch.equal(v1, v2)
+    # ITG on the cache (text rows only): "first" gives the full pass's first text row
+    m = masks.multimodal_causal_mask(CFG.num_query_tokens, mask, text_rows_only=True)
+    text = qf(input_ids=ids, mask=m, use_queries=False, past_kv=full.query_cache)
+    first = qf(input_ids=ids, mask=m, use_queries=False, past_kv=full.query_cache, outputs="first")
+    torch.testing.assert_close(first.text_output, text.text_output[:, :1])
 
 
 def test_itg_loss_reaches_queries_and_cross_attention_through_the_cache():

@@ -556,6 +556,13 @@ def train_world_lm(
     n_texts = n_texts or min(steps * batch_size, 200_000)
     texts = list(shapes.iter_lm_texts(world_level, seed=seed, n=n_texts, exists_weight=exists_weight))
     pairs = [lm_example(t, num_queries=num_queries, filler=filler) for t in texts]
+    if slot_blend > 0:
+        longest = max(len(c.split()) - 3 for c, _ in pairs)  # "scene : <words> ."
+        if longest > num_queries:
+            raise ValueError(
+                f"`slot_blend` blends a scene slot of `num_queries` ({num_queries}) words, but this world's "
+                f"scenes take up to {longest}: raise `num_queries` to {longest} or leave `slot_blend` at 0."
+            )
     tok = world_tokenizer([c + " " + t for c, t in pairs], kind)
     newline_id = tok("\n", add_special_tokens=False)["input_ids"]
     if kind == "opt" and len(newline_id) != 1:
