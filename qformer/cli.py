@@ -135,7 +135,7 @@ def _eval(args: argparse.Namespace) -> int:
     from qformer import evaluate
 
     if args.task == "retrieval":
-        result = evaluate.evaluate_retrieval(args.checkpoint, args.data, k_test=args.k_test)
+        result = evaluate.evaluate_retrieval(args.checkpoint, args.data, k_test=args.k_test, fusion=args.fusion)
         summary = {k: result[k] for k in ("itc", "itm")}
     elif args.task == "caption":
         result = evaluate.evaluate_captions(args.checkpoint, args.data, num_beams=args.num_beams)
@@ -325,6 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", required=True, help="evaluation records (JSON list or JSONL)")
     p.add_argument("--out", required=True, help="where to write the results (JSON)")
     p.add_argument("--k-test", type=int, default=128, help="retrieval: candidates re-ranked by ITM (default 128)")
+    p.add_argument(
+        "--fusion", choices=("logit", "lavis"), default="logit",
+        help="retrieval: a candidate's final score is ITM's match logit plus ITC's logit (cosine / the "
+        "learned temperature; default) or plus the bare cosine, as LAVIS scores (to compare with published numbers)",
+    )
     p.add_argument("--num-beams", type=int, default=5, help="caption/vqa: beam size (default 5)")
     p.set_defaults(func=_eval)
 

@@ -82,11 +82,12 @@ def load_stage1(directory: str | Path, device: str | torch.device = "cpu"):
 
 @torch.no_grad()
 def evaluate_retrieval(
-    checkpoint: str | Path, data: str | Path, *, k_test: int = 128, batch_size: int = 64, max_text_len: int = 35
+    checkpoint: str | Path, data: str | Path, *, k_test: int = 128, batch_size: int = 64, max_text_len: int = 35,
+    fusion: str = "logit",
 ) -> dict[str, Any]:
     """Recall@1/5/10 both ways, by ITC alone and after ITM re-ranking of the top k, of a stage-1
-    or BLIP checkpoint. Where records carry `scene_key`, a hit is any text of the same scene;
-    strict instance-level recall beside it."""
+    or BLIP checkpoint (`fusion`: what ITM's logit is added to, `retrieval_scores`). Where records
+    carry `scene_key`, a hit is any text of the same scene; strict instance-level recall beside it."""
     from qformer.eval.retrieval import recall_at_k, retrieval_scores
 
     if checkpoint_kind(checkpoint) == "blip":  # BLIP: its own trained ViT and final norm
@@ -105,9 +106,11 @@ def evaluate_retrieval(
             texts.append(caption)
             owner.append(i)
     text = tokenizer(texts, padding="longest", truncation=True, max_length=max_text_len, return_tensors="pt")
-    scores = retrieval_scores(model, tokens, text.input_ids, text.attention_mask, k_test=k_test, batch_size=batch_size)
+    scores = retrieval_scores(
+        model, tokens, text.input_ids, text.attention_mask, k_test=k_test, batch_size=batch_size, fusion=fusion
+    )
     instance = [[j for j, o in enumerate(owner) if o == i] for i in range(len(records))]
-    result: dict[str, Any] = {"num_images": len(records), "num_texts": len(texts), "k_test": k_test}
+    result: dict[str, Any] = {"num_images": len(records), "num_texts": len(texts), "k_test": k_test, "fusion": fusion}
     if all("scene_key" in r for r in records):
         keys = [r["scene_key"] for r in records]
         hits = torch.tensor([[keys[i] == keys[owner[j]] for j in range(len(texts))] for i in range(len(records))])

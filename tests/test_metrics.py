@@ -315,12 +315,16 @@ def direct_itc(model, image, ids, mask):
     return model.itc_scores(model.encode_image(image)[1], model.encode_text(ids, mask)[1])
 
 
-def test_retrieval_scores_match_direct_calls(model):
+@pytest.mark.parametrize("fusion", ["logit", "lavis"])
+def test_retrieval_scores_match_direct_calls(model, fusion):
     image, ids, mask = retrieval_data()
     model.train()
-    out = retrieval_scores(model, image, ids, mask, k_test=3, batch_size=4)
+    out = retrieval_scores(model, image, ids, mask, k_test=3, batch_size=4, fusion=fusion)
     assert model.training  # put back as it came
     model.eval()
+    # ITC enters as its logit (cosine / temperature, what ITC's softmax reads) or LAVIS's cosine
+    itc_scale = 1 / model.temp.item() if fusion == "logit" else 1.0
+    assert model.temp.item() < 0.5  # so that the two fusions differ by a factor of 2 or more
     with torch.no_grad():
         itc = direct_itc(model, image, ids, mask)
         torch.testing.assert_close(out["itc"], itc, rtol=1e-5, atol=1e-6)
@@ -333,11 +337,28 @@ def test_retrieval_scores_match_direct_calls(model):
             assert torch.equal(finite, expected)  # the candidates are the ITC top k
             for i, j in finite.nonzero().tolist():
                 itm = model.itm_logits(image[i : i + 1], ids[j : j + 1], mask[j : j + 1])[0, 1]
-                torch.testing.assert_close(scores[i, j], itm + itc[i, j], rtol=1e-5, atol=1e-5)
+                torch.testing.assert_close(scores[i, j], itm + itc[i, j] * itc_scale, rtol=1e-5, atol=1e-5)
     # the chunking does not change anything
-    again = retrieval_scores(model, image, ids, mask, k_test=3, batch_size=64)
+    again = retrieval_scores(model, image, ids, mask, k_test=3, batch_size=64, fusion=fusion)
     for key in out:
         torch.testing.assert_close(again[key], out[key], rtol=1e-5, atol=1e-5)
+
+
+def test_retrieval_fusion_refuses_unknown_names_and_models_without_a_temperature(model):
+    image, ids, mask = retrieval_data()
+    with pytest.raises(ValueError, match="`fusion` must be 'logit'.*got 'sum'"):
+        retrieval_scores(model, image, ids, mask, fusion="sum")
+    with torch.no_grad():
+        saved = model.temp.item()
+        model.temp.fill_(0.0)
+        try:
+            with pytest.raises(ValueError, match=r"temp is 0.0; use fusion='lavis'"):
+                retrieval_scores(model, image, ids, mask)
+            # LAVIS's sum needs no temperature
+            out = retrieval_scores(model, image, ids, mask, k_test=2, fusion="lavis")
+            assert torch.isfinite(out["itm_i2t"]).sum() == 2 * image.shape[0]
+        finally:
+            model.temp.fill_(saved)
 
 
 def test_retrieval_k_test_at_least_all_rescores_every_pair(model):

@@ -315,6 +315,11 @@ def test_eval_writes_every_metric(world, stage1_run, stage2_run, tmp_path):
     assert r["hit"] == "same scene" and r["num_images"] == 8 and r["num_texts"] == 40
     for scores in (r["itc"], r["itm"], r["instance"]["itc"]):
         assert {"i2t_r1", "t2i_r1", "i2t_r5", "t2i_r5"} <= set(scores) and 0 <= scores["i2t_r1"] <= 1
+    assert r["fusion"] == "logit"
+    assert main(["eval", "--checkpoint", str(stage1_run / "model"), "--task", "retrieval", "--data", test,
+                 "--out", str(tmp_path / "lavis.json"), "--k-test", "4", "--fusion", "lavis"]) == 0  # fmt: skip
+    lavis = json.loads((tmp_path / "lavis.json").read_text())
+    assert lavis["fusion"] == "lavis" and lavis["itc"] == r["itc"]  # the fusion changes ITM's ranking only
     assert main(["eval", "--checkpoint", str(stage2_run), "--task", "caption", "--data", test,
                  "--out", str(tmp_path / "c.json"), "--num-beams", "1"]) == 0  # fmt: skip
     c = json.loads((tmp_path / "c.json").read_text())

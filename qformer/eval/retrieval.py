@@ -2,8 +2,13 @@
 
 Retrieval follows BLIP-2 (and LAVIS): ITC similarity for every pair, then for each image its top
 `k_test` texts by ITC, and for each text its top `k_test` images, are re-scored with ITM; the final
-score of a candidate pair is the ITM "match" logit (averaged over the queries) plus its ITC
-similarity, and pairs that were not candidates score -inf.
+score of a candidate pair is the ITM "match" logit (averaged over the queries) plus its ITC score,
+and pairs that were not candidates score -inf. The ITC score added is, by default, ITC's logit:
+the cosine similarity divided by the model's learned temperature, the quantity ITC's softmax was
+trained on, so that both terms are logits (`fusion="logit"`). LAVIS adds the bare cosine
+(`fusion="lavis"`, to compare with published BLIP/BLIP-2 numbers); with a learned temperature
+near 0.03 that weighs ITC about thirty times less than training did, and ITM's logit, whose
+spread is several units, decides alone among candidates whose cosines differ by hundredths.
 
 Legend: I images, T texts, C classes, n image tokens, d_v vision width, t text tokens, q queries,
 e ITC embedding width.
@@ -12,6 +17,7 @@ e ITC embedding width.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -170,6 +176,7 @@ def retrieval_scores(
     k_test: int = 128,
     batch_size: int = 64,
     progress: bool | None = None,
+    fusion: Literal["logit", "lavis"] = "logit",
 ) -> dict[str, Tensor]:
     """ITC and ITM-rescored score matrices of every image against every text.
 
@@ -179,11 +186,13 @@ def retrieval_scores(
         Flickr30K); k_test >= T (and >= I) re-scores every pair.
     batch_size: images or texts per feature pass, and pairs per ITM pass.
     progress: show a progress bar over the ITM passes; by default when there are more than 20 of them.
+    fusion: what a candidate's ITM match logit is added to: "logit", its ITC cosine / the model's
+        temperature `model.temp` (ITC's logit); "lavis", the bare cosine, as LAVIS evaluates.
 
     Returns, all (I, T) float32 on the CPU:
-      "itc": ITC similarity (best query) of every pair;
-      "itm_i2t": ITM match logit + ITC for each image's top-k texts, -inf elsewhere (rank texts
-        for an image along a row);
+      "itc": ITC similarity (best query, cosine) of every pair;
+      "itm_i2t": ITM match logit + ITC (by `fusion`) for each image's top-k texts, -inf elsewhere
+        (rank texts for an image along a row);
       "itm_t2i": the same for each text's top-k images (rank images for a text along a column).
     A pair that is a candidate in both directions is passed through ITM once. The model runs in
     eval mode (no dropout) and is put back in the mode it came in.
@@ -191,6 +200,7 @@ def retrieval_scores(
     _check_inputs(image_embeds, input_ids, text_mask, batch_size)
     if k_test < 1:
         raise ValueError(f"`k_test` must be at least 1, got {k_test}")
+    itc_scale = _fusion_scale(model, fusion)
     num_images, num_texts = image_embeds.shape[0], input_ids.shape[0]
     was_training = model.training
     model.eval()
@@ -213,9 +223,9 @@ def retrieval_scores(
         pairs = (cand_i2t | cand_t2i).nonzero()  # (P, 2): (image, text)
         match = _itm_match_logits(model, image_embeds, input_ids, text_mask, pairs, batch_size, progress)
 
-        # step 4: final score = ITM + ITC on candidates, -inf elsewhere
+        # step 4: final score = ITM + ITC (a logit, or LAVIS's cosine) on candidates, -inf elsewhere
         rescored = torch.full_like(itc, float("-inf"))
-        rescored[pairs[:, 0], pairs[:, 1]] = match + itc[pairs[:, 0], pairs[:, 1]]
+        rescored[pairs[:, 0], pairs[:, 1]] = match + itc[pairs[:, 0], pairs[:, 1]] * itc_scale
         ninf = float("-inf")
         return {
             "itc": itc,
@@ -224,6 +234,21 @@ def retrieval_scores(
         }
     finally:
         model.train(was_training)
+
+
+def _fusion_scale(model: Stage1Model, fusion: str) -> float:
+    """What the ITC cosine is multiplied by before ITM's logit is added: 1 / temperature or 1."""
+    if fusion == "lavis":
+        return 1.0
+    if fusion != "logit":
+        raise ValueError(f"`fusion` must be 'logit' (ITM + ITC logit) or 'lavis' (ITM + cosine), got {fusion!r}")
+    temp = float(getattr(model, "temp", float("nan")))
+    if not temp > 0:  # also NaN: a model without a temperature
+        raise ValueError(
+            f"fusion='logit' divides ITC by the model's temperature, but {type(model).__name__}.temp is "
+            f"{temp}; use fusion='lavis' (ITM + bare cosine) for a model without a positive temperature."
+        )
+    return 1.0 / temp
 
 
 def _itm_match_logits(
