@@ -10,9 +10,10 @@ objects and reports its accuracy on the other 20%, overall and for small and lar
 
     python benchmarks/vit_probe.py --demo runs/demo [--images 3000]
 
-Measured (README, "Shape twins"): shape 0.83 on the simple world's ViT without twins (small
-objects 0.69), 0.89 with them after 3000 steps (0.81), 0.85 (0.74) after the current default's
-1800; colour and size 0.99 or more throughout. Nothing here asserts a number: it prints them.
+Measured (docs/demo_history.md, "Shape twins"): shape 0.83 on the simple world's ViT without
+twins (small objects 0.69), 0.89 with them after 3000 steps (0.81), 0.85 (0.74) after the
+current default's 1800; colour and size 0.99 or more throughout. Nothing here asserts a
+number: it prints them.
 """
 
 from __future__ import annotations

@@ -673,7 +673,7 @@ def train_world_bert(
 
     Measured on the demo (stage 1, 1000 steps of 32): from a random trunk ITC stays at chance for
     ~150 steps; from a BERT trained on masked words alone, whose [CLS] hardly depends on the text
-    (mean cosine 0.95 between captions), for ~300; see the README."""
+    (mean cosine 0.95 between captions), for ~300; see docs/demo_history.md, "The world BERT"."""
     from transformers import BertConfig, BertForPreTraining
 
     out_dir = Path(out_dir)
