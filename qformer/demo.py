@@ -23,8 +23,9 @@ from typing import Any, Literal
 import torch
 
 
-# The world's LMs were pre-trained on "scene : <words> . caption : ..." and "... question : ...
-# answer : ...": the soft visual prompt takes the place of the scene words.
+# The world's LMs were pre-trained on "<scene words> . caption : ..." and "<scene words> . question
+# : ... answer : ...", laid out as stage 2 lays out a soft prompt and these prompts (for OPT a BOS
+# after the scene words): the soft visual prompt takes the place of the scene words.
 CAPTION_PROMPT = ". caption :"
 VQA_TEMPLATE = ". question : {} answer :"
 

@@ -46,15 +46,38 @@ def test_lm_example_pads_the_scene_slot():
 
 
 @pytest.mark.parametrize("kind", ["opt", "t5"])
-def test_scene_slot_start_points_at_the_padded_scene_words(kind):
+def test_lm_reads_its_scene_slot_where_stage_2_puts_the_soft_prompt(kind, tmp_path):
+    """The world LM's training rows are what the language bridge builds in stage 2 for a soft
+    prompt of the slot's words, the prompt ". caption :" (". question : ... answer :") and the
+    caption (answer): same tokens after the slot, and the caption's labels among the LM's."""
+    small = dict(steps=1, batch_size=8, hidden=32, layers=1, heads=2, n_texts=100, log_every=100)
+    llm_dir = backbones.train_world_lm(kind, "simple", tmp_path / kind, **small)
+    bridge = LanguageBridge.from_pretrained(llm_dir)
+    tok, embed = bridge.tokenizer, bridge.model.get_input_embeddings()
     pairs = [backbones.lm_example(t, num_queries=8) for t in TEXTS[:6]]
-    tok = backbones.world_tokenizer([c + " " + t for c, t in pairs], kind)
+    assert {t.split()[0] for _, t in pairs} == {"caption", "question"}  # both tasks are checked
     newline = tok("\n", add_special_tokens=False)["input_ids"][0]
-    ids = backbones._lm_batch(kind, tok, pairs, newline)["input_ids"]
-    start = backbones.scene_slot_start(kind, tok)
-    for row, (context, _) in zip(ids, pairs):
-        words = context.split()[2:-1]  # "scene : w1 .. w8 ."
-        assert tok.decode(row[start : start + 8]).split() == words
+    batch = backbones._lm_batch(kind, tok, pairs, newline)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    for row, (context, _) in zip(ids, pairs):  # the slot's 8 words open every row
+        assert tok.decode(row[:8]).split() == context.split()[2:-1]
+    prompts, texts = [], []
+    for _, target in pairs:
+        lead, _, rest = target.rpartition(" : ")
+        prompts.append(f". {lead} :")
+        texts.append(rest)
+    slot_embeds = embed(ids[:, :8]).detach()
+    theirs = bridge.training_inputs(slot_embeds, texts, prompts)
+    ours_embeds = embed(ids).detach()
+    n = min(theirs["inputs_embeds"].shape[1], ours_embeds.shape[1])
+    both = (theirs["attention_mask"][:, :n] == 1) & (mask[:, :n] == 1)
+    assert torch.equal(theirs["attention_mask"][:, :n].bool(), both) and torch.equal(mask[:, :n].bool(), both)
+    torch.testing.assert_close(theirs["inputs_embeds"][:, :n][both], ours_embeds[:, :n][both])
+    if kind == "opt":  # a label of the bridge's (the caption, the answer, "\n") is the LM's too
+        labelled = theirs["labels"] != -100
+        assert labelled.sum() > 0 and torch.equal(theirs["labels"][labelled], batch["labels"][:, : labelled.shape[1]][labelled])
+    else:  # T5: the decoder writes the same caption / answer + EOS
+        assert torch.equal(theirs["labels"], batch["labels"])
 
 
 def test_blend_scene_slot_by_hand():
@@ -84,7 +107,7 @@ def test_train_world_lm_blends_the_scene_slot(kind, tmp_path, monkeypatch):
     backbones.train_world_lm(kind, "simple", tmp_path / "plain", **small)
     assert seen == []  # off by default
     backbones.train_world_lm(kind, "simple", tmp_path / "blend", slot_blend=0.5, **small)
-    assert len(seen) == 3 and all(s[:2] == (3 if kind == "opt" else 2, 8) for s in seen)
+    assert len(seen) == 3 and all(s[:2] == (0, 8) for s in seen)  # the slot opens each row
     alphas = torch.cat([s[2] for s in seen])
     assert alphas.shape == (24,) and 0.0 <= alphas.min() and alphas.max() <= 0.5 and alphas.std() > 0
     info = json.loads((tmp_path / "blend" / "lm_train_info.txt").read_text())
