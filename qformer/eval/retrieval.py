@@ -187,7 +187,9 @@ def retrieval_scores(
     batch_size: images or texts per feature pass, and pairs per ITM pass.
     progress: show a progress bar over the ITM passes; by default when there are more than 20 of them.
     fusion: what a candidate's ITM match logit is added to: "logit", its ITC cosine / the model's
-        temperature `model.temp` (ITC's logit); "lavis", the bare cosine, as LAVIS evaluates.
+        temperature `model.temp` (ITC's logit); "lavis", the bare cosine, as LAVIS evaluates. A
+        model imported from transformers' `Blip2ForImageTextRetrieval` carries no trained
+        temperature (it keeps `init_temp`): score it with "lavis".
 
     Returns, all (I, T) float32 on the CPU:
       "itc": ITC similarity (best query, cosine) of every pair;
@@ -243,6 +245,9 @@ def _fusion_scale(model: Stage1Model, fusion: str) -> float:
     if fusion != "logit":
         raise ValueError(f"`fusion` must be 'logit' (ITM + ITC logit) or 'lavis' (ITM + cosine), got {fusion!r}")
     temp = float(getattr(model, "temp", float("nan")))
+    config = getattr(model, "config", None)
+    if hasattr(config, "temp_min") and hasattr(config, "temp_max"):  # BLIP clamps before each step
+        temp = min(max(temp, config.temp_min), config.temp_max)
     if not temp > 0:  # also NaN: a model without a temperature
         raise ValueError(
             f"fusion='logit' divides ITC by the model's temperature, but {type(model).__name__}.temp is "
