@@ -472,19 +472,30 @@ def _slot_words(context: str) -> str:
     return context[len("scene : ") : -len(" .")]
 
 
+def _lm_inputs(kind: LMKind, tok: PreTrainedTokenizerFast, slots: Sequence[str], tasks: Sequence[str]) -> list[list[int]]:
+    """Token ids of each scene slot's words and its task text, laid out as stage 2 lays out a soft
+    prompt and its prompt (`bridges.language`), the slot's words where the soft prompt goes: OPT
+    " <slot>" + BOS + ". <task>" (" " + slot: every word its own token with its leading space, as in
+    the captions); T5's encoder "<slot> . <task>" + EOS."""
+    if kind == "opt":
+        n = len(slots)
+        enc = tok([" " + s for s in slots] + [". " + t for t in tasks], add_special_tokens=False)["input_ids"]
+        return [s + [tok.bos_token_id] + t for s, t in zip(enc[:n], enc[n:])]
+    return tok([f"{s} . {t}" for s, t in zip(slots, tasks)])["input_ids"]
+
+
 def _lm_batch(kind: LMKind, tok: PreTrainedTokenizerFast, pairs: Sequence[tuple[str, str]], newline_id: int
               ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """A training batch laid out as stage 2 lays out a soft prompt and its text
-    (`bridges.language.LanguageBridge.training_inputs`), with the scene slot's words where the
-    soft prompt goes: OPT reads "<slot>" + BOS + ". caption : <caption>" + "\\n" (loss after the
-    "."), T5's encoder "<slot> . caption :" + EOS and its decoder "<caption>" + EOS (likewise
-    "question : ... answer :" and the answer)."""
-    n = len(pairs)
+    """A training batch laid out as stage 2 lays out a soft prompt and its text (`_lm_inputs`;
+    `bridges.language.LanguageBridge.training_inputs`): OPT reads "<slot>" + BOS + ". caption :
+    <caption>" + "\\n" (loss after the "."), T5's encoder "<slot> . caption :" + EOS and its
+    decoder "<caption>" + EOS (likewise "question : ... answer :" and the answer)."""
     slots = [_slot_words(c) for c, _ in pairs]
     if kind == "opt":
-        # " " + slot: every word its own token with its leading space, as in the captions
-        enc = tok([" " + s for s in slots] + [". " + t for _, t in pairs], add_special_tokens=False)["input_ids"]
-        rows = [(s + [tok.bos_token_id] + t[:1], t[1:] + [newline_id]) for s, t in zip(enc[:n], enc[n:])]
+        rows = []
+        for row in _lm_inputs(kind, tok, slots, [t for _, t in pairs]):
+            cut = row.index(tok.bos_token_id) + 2  # the slot, BOS and "." get no loss
+            rows.append((row[:cut], row[cut:] + [newline_id]))
         width = max(len(c) + len(t) for c, t in rows)
         ids, mask, labels = [], [], []
         for c, t in rows:
@@ -495,13 +506,9 @@ def _lm_batch(kind: LMKind, tok: PreTrainedTokenizerFast, pairs: Sequence[tuple[
         return {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask), "labels": torch.tensor(labels)}
     # T5: the encoder reads the slot and the target's first words, up to and including the colon
     # before the caption or answer; the decoder writes the caption / answer
-    enc_texts, dec_texts = [], []
-    for slot, (_, t) in zip(slots, pairs):
-        lead, _, rest = t.rpartition(" : ")
-        enc_texts.append(f"{slot} . {lead} :")
-        dec_texts.append(rest)
-    e = tok(enc_texts, add_special_tokens=True, padding=True, return_tensors="pt")
-    d = tok(dec_texts, add_special_tokens=True)["input_ids"]
+    leads, answers = zip(*(t.rpartition(" : ")[::2] for _, t in pairs))
+    e = tok.pad({"input_ids": _lm_inputs(kind, tok, slots, [f"{lead} :" for lead in leads])}, return_tensors="pt")
+    d = tok(list(answers), add_special_tokens=True)["input_ids"]
     width = max(map(len, d))
     labels = torch.tensor([x + [-100] * (width - len(x)) for x in d])
     return {"input_ids": e["input_ids"], "attention_mask": e["attention_mask"], "labels": labels}
@@ -780,15 +787,8 @@ def evaluate_world_lm(llm_dir: str | Path, world_level: shapes.Level, *, n: int 
     qas = [rng.choice(shapes.make_qa(s, rng)) for s in scenes]
     slots = [_slot_words(scene_context(s, num_queries=num_queries, filler=filler)) for s in scenes]
 
-    def prompt_ids(slot: str, task: str) -> list[int]:
-        """The slot's words where stage 2 puts the soft prompt, then the task as `_lm_batch` lays it out."""
-        if seq2seq:
-            return tok(f"{slot} . {task}")["input_ids"]  # + EOS
-        slot_ids = tok(" " + slot, add_special_tokens=False)["input_ids"]
-        return slot_ids + [tok.bos_token_id] + tok(f". {task}", add_special_tokens=False)["input_ids"]
-
-    cap_prompts = [prompt_ids(slot, "caption :") for slot in slots]
-    qa_prompts = [prompt_ids(slot, f"question : {q['question']} answer :") for slot, q in zip(slots, qas)]
+    cap_prompts = _lm_inputs("t5" if seq2seq else "opt", tok, slots, ["caption :"] * n)
+    qa_prompts = _lm_inputs("t5" if seq2seq else "opt", tok, slots, [f"question : {q['question']} answer :" for q in qas])
 
     def generate(prompts: list[list[int]], max_new_tokens: int) -> list[str]:
         outs = []
@@ -884,7 +884,7 @@ def lm_settings(level: str, seed: int, llm: str, fast: bool, num_queries: int) -
         # stage 1 ahead in 9 of 18 comparisons over budgets and seeds; run AE 0.848 / 0.840,
         # CIDEr 4.90 / 5.06). docs/demo_history.md. The full world keeps exact words (a blend of
         # two objects' words loses which attribute is whose; unmeasured).
-        # (All of that for OPT in the old layout, below. In stage 2's layout, OPT: blended and exact words
+        # (All of that for OPT in the old layout, see "layout" at the end. In stage 2's layout, OPT: blended and exact words
         # both put stage 1 a little ahead after 400 steps, and the blend makes both arms learn
         # faster, captions 0.81 against 0.74 after 150. T5: exact words left stage 2 from stage 1
         # far behind (captions 0.216 against 0.564 fresh), blended both arms reach 0.84.)
