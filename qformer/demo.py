@@ -660,6 +660,9 @@ def print_table(metrics: dict[str, Any]) -> None:
                      f"{fresh['caption']['exact_match']:.3f} / {fresh['caption']['cider']:.3f} / {fresh['vqa']['accuracy']:.3f}"))  # fmt: skip
     else:
         rows.append(("ablation: CIDEr without stage 1", f"{fresh['caption']['cider']:.3f}"))
+    # one seed: on the simple world stage 1's gain is about one seed-to-seed standard deviation
+    # (README, "The stage-1 ablation"), so this row alone can come out level or reversed
+    rows.append(("  ... one seed; to compare over several", "python benchmarks/stage1_ablation.py --demo DIR --seeds 0 1 2 3 4"))
     if "llm_from_true_scene" in metrics:  # the frozen LM's ceiling (absent from older metrics files)
         lm = metrics["llm_from_true_scene"]
         rows.append(("frozen LM from the true scene words: captions / VQA",

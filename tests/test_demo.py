@@ -179,3 +179,4 @@ def test_print_table_breaks_full_world_captions_down_by_objects(capsys):
     assert not any("of scenes with" in line for line in lines)
     row = next(line for line in lines if line.startswith("ablation without stage 1"))
     assert row.split()[-5:] == ["0.250", "/", "4.500", "/", "0.550"]
+    assert "--seeds" in lines[lines.index(row) + 1]  # the row is one seed: how to pair several
