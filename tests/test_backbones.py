@@ -126,6 +126,88 @@ def test_train_world_lm_blends_the_scene_slot(kind, tmp_path, monkeypatch):
         backbones.train_world_lm(kind, "simple", tmp_path / "short", slot_blend=0.5, **{**small, "num_queries": 3})
 
 
+def test_slot_objects_reads_the_objects_of_a_context():
+    context, _ = backbones.lm_example("scene : small red circle left , large blue star top right . caption : x", num_queries=12)
+    assert backbones.slot_objects(context) == ["small red circle left", "large blue star top right"]
+    assert backbones.slot_objects("scene : none none none .") == []
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_object_slot_embeds_by_hand(kind):
+    pairs = [backbones.lm_example(t) for t in shapes.iter_lm_texts("full", n=300)]
+    tok = backbones.world_tokenizer([c + " " + t for c, t in pairs], kind)
+    torch.manual_seed(0)
+    embed = torch.nn.Embedding(len(tok), 6)
+    objects = [["small red circle left", "large blue star top right"], ["big green square centre"]]
+    out = backbones.object_slot_embeds(embed, kind, tok, objects, [[3, 0], [5]], num_queries=6)
+    assert out.shape == (2, 6, 6)
+
+    def words_slot(words: str) -> torch.Tensor:  # the words' embeddings as a "words" slot lays them out
+        ids = backbones._lm_inputs(kind, tok, [words], ["caption :"])[0][: len(words.split())]
+        return embed(torch.tensor(ids))
+
+    filler = words_slot("none")[0]
+    torch.testing.assert_close(out[0, 3], words_slot("small red circle left").sum(0))
+    torch.testing.assert_close(out[0, 0], words_slot("large blue star top right").sum(0))
+    torch.testing.assert_close(out[1, 5], words_slot("big green square centre").sum(0))
+    for i, free in ((0, [1, 2, 4, 5]), (1, [0, 1, 2, 3, 4])):
+        torch.testing.assert_close(out[i, free], filler.expand(len(free), 6))
+    for bad in ([[3, 3], [5]], [[0, 6], [5]], [[0], [5]]):
+        with pytest.raises(ValueError, match="distinct places"):
+            backbones.object_slot_embeds(embed, kind, tok, objects, bad, num_queries=6)
+    with pytest.raises(ValueError, match=r"'nothing' is \d+ tokens"):  # not a word of this world
+        backbones.object_slot_embeds(embed, kind, tok, objects, [[3, 0], [5]], num_queries=6, filler="nothing")
+
+
+@pytest.mark.parametrize("kind", ["opt", "t5"])
+def test_train_world_lm_with_one_slot_position_per_object(kind, tmp_path, monkeypatch):
+    seen = []
+    real = backbones.object_slot_embeds
+
+    def spy(embedding, kind_, tok, objects, places, **kw):
+        seen.append((list(map(list, objects)), [list(p) for p in places], kw["num_queries"]))
+        return real(embedding, kind_, tok, objects, places, **kw)
+
+    monkeypatch.setattr(backbones, "object_slot_embeds", spy)
+    small = dict(steps=4, batch_size=16, hidden=32, layers=1, heads=2, n_texts=200, log_every=100)
+    llm_dir = backbones.train_world_lm(kind, "full", tmp_path / "objects", slot="objects", **small)
+    assert len(seen) == 4
+    rows = [(o, p) for objects, places, nq in seen for o, p in zip(objects, places)]
+    assert all(nq == 8 for *_, nq in seen) and len(rows) == 64
+    assert {len(o) for o, _ in rows} == {1, 2, 3}  # the full world's scenes
+    assert all(len(o) == len(p) == len(set(p)) and all(0 <= q < 8 for q in p) for o, p in rows)
+    assert len({tuple(p) for _, p in rows}) > 10  # drawn at random, not always the first positions
+    vocabulary = set(shapes.SIZES) | set(shapes.COLOURS) | set(shapes.SHAPES) | {w for p in shapes.POSITIONS for w in p.split()}
+    assert all(set(obj.split()) <= vocabulary for o, _ in rows for obj in o)
+    info = json.loads((tmp_path / "objects" / "lm_train_info.txt").read_text())
+    assert info["slot"] == "objects" and info["steps_done"] == 4
+
+    # the true-words ceiling feeds such an LM the objects' vectors, in the slot's first positions
+    seen.clear()
+    found = backbones.evaluate_world_lm(llm_dir, "full", n=6, batch_size=4)
+    assert [len(s[0]) for s in seen] == [4, 2, 4, 2]  # captions, then questions, in batches of 4
+    assert all(p == list(range(len(o))) for objects, places, _ in seen for o, p in zip(objects, places))
+    # its example caption is the greedy continuation of that slot, BOS and ". caption :", built here by hand
+    bridge = LanguageBridge.from_pretrained(llm_dir)
+    tok, model = bridge.tokenizer, bridge.model
+    first = seen[0][0][0]
+    vectors = real(model.get_input_embeddings(), kind, tok, [first], [range(len(first))], num_queries=8)
+    rest = backbones._lm_inputs(kind, tok, ["none " * 7 + "none"], ["caption :"])[0][8:]
+    embeds = torch.cat([vectors, model.get_input_embeddings()(torch.tensor([rest]))], dim=1)
+    stop = tok.eos_token_id if kind == "t5" else tok("\n", add_special_tokens=False)["input_ids"][0]
+    with torch.no_grad():
+        gen = model.generate(inputs_embeds=embeds, max_new_tokens=60, do_sample=False, num_beams=1, eos_token_id=stop,
+                             pad_token_id=tok.pad_token_id)  # fmt: skip
+    assert found["example_caption"] == tok.batch_decode(gen, skip_special_tokens=True)[0].split("\n")[0].strip()
+
+    with pytest.raises(ValueError, match="slot_blend"):
+        backbones.train_world_lm(kind, "full", tmp_path / "both", slot="objects", slot_blend=0.5, **small)
+    with pytest.raises(ValueError, match="raise `num_queries` to at least 3"):
+        backbones.train_world_lm(kind, "full", tmp_path / "short", slot="objects", **{**small, "num_queries": 2})
+    with pytest.raises(ValueError, match="`slot` must be"):
+        backbones.train_world_lm(kind, "full", tmp_path / "bad", slot="bags", **small)
+
+
 def test_vit_config_and_position_embedding_scale(tmp_path):
     config = backbones._vit_config(image_size=32, patch_size=8, width=64, layers=1, heads=2, embed_dim=16,
                                    vocab_size=20, context_length=8, text_width=32, text_layers=1)  # fmt: skip
