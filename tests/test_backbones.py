@@ -54,6 +54,8 @@ def test_lm_reads_its_scene_slot_where_stage_2_puts_the_soft_prompt(kind, tmp_pa
     llm_dir = backbones.train_world_lm(kind, "simple", tmp_path / kind, **small)
     bridge = LanguageBridge.from_pretrained(llm_dir)
     tok, embed = bridge.tokenizer, bridge.model.get_input_embeddings()
+    # a slot of words: OPT's embeddings tied as OPT's are (transformers 5 ties T5's whatever its config says)
+    assert embed.weight.data_ptr() == bridge.model.get_output_embeddings().weight.data_ptr()
     pairs = [backbones.lm_example(t, num_queries=8) for t in TEXTS[:6]]
     assert {t.split()[0] for _, t in pairs} == {"caption", "question"}  # both tasks are checked
     newline = tok("\n", add_special_tokens=False)["input_ids"][0]
@@ -190,6 +192,9 @@ def test_train_world_lm_with_one_slot_position_per_object(kind, tmp_path, monkey
     # its example caption is the greedy continuation of that slot, BOS and ". caption :", built here by hand
     bridge = LanguageBridge.from_pretrained(llm_dir)
     tok, model = bridge.tokenizer, bridge.model
+    if kind == "opt":  # the slot's sums come from input embeddings of their own: untied here
+        assert model.get_input_embeddings().weight.data_ptr() != model.get_output_embeddings().weight.data_ptr()
+        assert not torch.equal(model.get_input_embeddings().weight, model.get_output_embeddings().weight)
     first = seen[0][0][0]
     vectors = real(model.get_input_embeddings(), kind, tok, [first], [range(len(first))], num_queries=8)
     rest = backbones._lm_inputs(kind, tok, ["none " * 7 + "none"], ["caption :"])[0][8:]

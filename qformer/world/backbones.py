@@ -444,7 +444,9 @@ def scene_context(scene: shapes.Scene, *, num_queries: int = 8, filler: str = DE
 
 
 def _lm_model(kind: LMKind, tok: PreTrainedTokenizerFast, *, hidden: int, layers: int, heads: int,
-              max_positions: int) -> torch.nn.Module:  # fmt: skip
+              max_positions: int, tie_embeddings: bool = True) -> torch.nn.Module:  # fmt: skip
+    """A small OPT (input and output embeddings tied, as OPT's are, unless `tie_embeddings` is
+    False) or T5 (tied: transformers 5 ties T5's embeddings whatever `tie_word_embeddings` says)."""
     from transformers import (
         OPTConfig,
         OPTForCausalLM,
@@ -459,6 +461,7 @@ def _lm_model(kind: LMKind, tok: PreTrainedTokenizerFast, *, hidden: int, layers
             num_attention_heads=heads, max_position_embeddings=max_positions, word_embed_proj_dim=hidden,
             dropout=0.0, attention_dropout=0.0, activation_dropout=0.0, layerdrop=0.0, init_std=0.02,
             pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+            tie_word_embeddings=tie_embeddings,
         )  # fmt: skip
         return OPTForCausalLM(config)
     config = T5Config(
@@ -640,7 +643,12 @@ def train_world_lm(
     if kind == "opt" and len(newline_id) != 1:
         raise AssertionError(f'"\\n" must be one token, got {newline_id}')
     torch.manual_seed(seed)
-    model = _lm_model(kind, tok, hidden=hidden, layers=layers, heads=heads, max_positions=256)
+    # an "objects" slot is sums of input embeddings: tied to the output layer as well, OPT learned to
+    # read them slowly and by the seed's luck (full world, 1500 steps, captions from the true words
+    # 0.16 to 0.85 over four seeds); untied 0.84 and more (docs/demo_history.md). (T5 stays tied:
+    # transformers 5 ties its embeddings whatever the config says; its object slot is unmeasured.)
+    model = _lm_model(kind, tok, hidden=hidden, layers=layers, heads=heads, max_positions=256,
+                      tie_embeddings=slot == "words")  # fmt: skip
     blend_rng = torch.Generator().manual_seed(seed)
     place_rng = random.Random(f"{seed}/lm-slot")
     empty_slot = f"scene : {' '.join([filler] * num_queries)} ."
