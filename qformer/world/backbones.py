@@ -645,7 +645,7 @@ def train_world_lm(
     torch.manual_seed(seed)
     # an "objects" slot is sums of input embeddings: tied to the output layer as well, OPT learned to
     # read them slowly and by the seed's luck (full world, 1500 steps, captions from the true words
-    # 0.16 to 0.85 over four seeds); untied 0.84 and more (docs/demo_history.md). (T5 stays tied:
+    # 0.16 to 0.85 over four trainings); untied 0.75 to 0.89 over three seeds (docs/demo_history.md). (T5 stays tied:
     # transformers 5 ties its embeddings whatever the config says; its object slot is unmeasured.)
     model = _lm_model(kind, tok, hidden=hidden, layers=layers, heads=heads, max_positions=256,
                       tie_embeddings=slot == "words")  # fmt: skip
