@@ -54,7 +54,7 @@ def test_lm_reads_its_scene_slot_where_stage_2_puts_the_soft_prompt(kind, tmp_pa
     llm_dir = backbones.train_world_lm(kind, "simple", tmp_path / kind, **small)
     bridge = LanguageBridge.from_pretrained(llm_dir)
     tok, embed = bridge.tokenizer, bridge.model.get_input_embeddings()
-    # a slot of words: OPT's embeddings tied as OPT's are (transformers 5 ties T5's whatever its config says)
+    # a slot of words: tied, as OPT's are (the installed T5Config ties T5's whatever it is given)
     assert embed.weight.data_ptr() == bridge.model.get_output_embeddings().weight.data_ptr()
     pairs = [backbones.lm_example(t, num_queries=8) for t in TEXTS[:6]]
     assert {t.split()[0] for _, t in pairs} == {"caption", "question"}  # both tasks are checked

@@ -446,7 +446,8 @@ def scene_context(scene: shapes.Scene, *, num_queries: int = 8, filler: str = DE
 def _lm_model(kind: LMKind, tok: PreTrainedTokenizerFast, *, hidden: int, layers: int, heads: int,
               max_positions: int, tie_embeddings: bool = True) -> torch.nn.Module:  # fmt: skip
     """A small OPT (input and output embeddings tied, as OPT's are, unless `tie_embeddings` is
-    False) or T5 (tied: transformers 5 ties T5's embeddings whatever `tie_word_embeddings` says)."""
+    False) or T5 (tied too: the installed transformers' `T5Config` sets `tie_word_embeddings` to
+    True whatever it is given)."""
     from transformers import (
         OPTConfig,
         OPTForCausalLM,
@@ -646,7 +647,7 @@ def train_world_lm(
     # an "objects" slot is sums of input embeddings: tied to the output layer as well, OPT learned to
     # read them slowly and by the seed's luck (full world, 1500 steps, captions from the true words
     # 0.16 to 0.85 over four trainings); untied 0.75 to 0.89 over three seeds (docs/demo_history.md). (T5 stays tied:
-    # transformers 5 ties its embeddings whatever the config says; its object slot is unmeasured.)
+    # the installed transformers' T5Config forces it; its object slot is unmeasured.)
     model = _lm_model(kind, tok, hidden=hidden, layers=layers, heads=heads, max_positions=256,
                       tie_embeddings=slot == "words")  # fmt: skip
     blend_rng = torch.Generator().manual_seed(seed)
