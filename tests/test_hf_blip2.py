@@ -47,7 +47,7 @@ NO_LN_PRE = {"no_ln_pre": True}  # as the ShapesWorld ViT
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("hf_blip2")
-    paths = {family: save_llm(family, tmp / family) for family in ("opt", "t5")}
+    paths = {family: save_llm(family, tmp / family) for family in ("opt", "t5", "opt-untied")}
     paths["vit"] = save_open_clip_vit(tmp / "vit", "hf-blip2-test-vit", vision_options=NO_LN_PRE)
     paths["vit_ln_pre"] = save_open_clip_vit(tmp / "vit_ln_pre", "hf-blip2-test-vit-ln-pre")
     paths["tmp"] = tmp
@@ -77,7 +77,7 @@ def export(checkpoint: Path, out: Path) -> None:
 def exported(saved):
     """family -> (stage-2 checkpoint, its hf-blip2 export)."""
     out = {}
-    for family in ("opt", "t5"):
+    for family in ("opt", "t5", "opt-untied"):
         checkpoint = stage2_checkpoint(saved, family, saved["tmp"] / f"s2_{family}")
         target = saved["tmp"] / f"hf_{family}"
         export(checkpoint, target)
@@ -111,18 +111,22 @@ def with_token_ids(model: Stage2Model, run, monkeypatch) -> tuple[list[str], tor
 
 
 # ------------------------------------------------------------------------------ (a) parity
-@pytest.mark.parametrize("family", ["opt", "t5"])
+@pytest.mark.parametrize("family", ["opt", "t5", "opt-untied"])
 def test_exported_model_decodes_our_greedy_tokens(exported, family, monkeypatch):
     checkpoint, target = exported[family]
     ours = Stage2Model.from_pretrained(checkpoint).eval()
     hf, info = Blip2ForConditionalGeneration.from_pretrained(target, output_loading_info=True)
     hf.eval()
     assert not any(info.values()), info  # no missing, unexpected or mismatched key
+    head, embed = hf.language_model.get_output_embeddings().weight, hf.language_model.get_input_embeddings().weight
+    assert (head.data_ptr() == embed.data_ptr()) == (family != "opt-untied")  # an untied OPT stays untied
+    ours_head = ours.language.model.get_output_embeddings().weight
+    assert_close(head[: len(ours_head)], ours_head)  # (an export may add a row for the <image> token)
     processor = Blip2Processor.from_pretrained(target, backend="pil")  # PIL: our transform, bit for bit
     manifest = json.loads((target / MANIFEST).read_text())
     assert manifest["prompt"] == ours.prompt == "a photo of"
     end = ours.language.end_token_id
-    if family == "opt":  # the end of text is "\n", in the text config as in the released BLIP-2 OPT
+    if family.startswith("opt"):  # the end of text is "\n", in the text config as in the released BLIP-2 OPT
         newline = ours.language.tokenizer("\n", add_special_tokens=False).input_ids[0]
         assert hf.config.text_config.eos_token_id == end == newline
 
@@ -150,12 +154,12 @@ def test_exported_model_decodes_our_greedy_tokens(exported, family, monkeypatch)
         with torch.no_grad():
             out = hf.generate(**inputs, generation_config=config)
         # decoder-only: transformers returns the input ids first; encoder-decoder: the start token
-        theirs = out[:, inputs.input_ids.shape[1] :] if family == "opt" else out[:, 1:]
+        theirs = out[:, inputs.input_ids.shape[1] :] if family.startswith("opt") else out[:, 1:]
         ours_ids = ours_ids[:, 1:] if family == "t5" else ours_ids
         assert cut(theirs.tolist(), end) == cut(ours_ids.tolist(), end)  # token for token
         decoded = processor.batch_decode(cut(theirs.tolist(), end), skip_special_tokens=True)
         assert [text.strip() for text in decoded] == texts and any(texts)
-        if family == "opt":  # transformers' own defaults stop at "\n" too: it comes with the text config
+        if family.startswith("opt"):  # transformers' own defaults stop at "\n" too: it comes with the text config
             with torch.no_grad():
                 plain = hf.generate(**inputs, max_new_tokens=8, min_new_tokens=1)
             assert torch.equal(plain, out)

@@ -109,14 +109,16 @@ def t5_tokenizer() -> PreTrainedTokenizerFast:
 
 
 def build(family: str) -> tuple[nn.Module, PreTrainedTokenizerFast]:
-    if family == "opt":
+    """A tiny LLM of `family` ("opt-untied": an OPT whose output layer is not its input embeddings,
+    as the full ShapesWorld's OPT)."""
+    if family in ("opt", "opt-untied"):
         tok = opt_tokenizer()
         rows = -(-len(tok) // 16) * 16  # a padded vocabulary, as real checkpoints have
         config = OPTConfig(
             vocab_size=rows, hidden_size=32, num_hidden_layers=2, ffn_dim=64, num_attention_heads=4,
             max_position_embeddings=128, word_embed_proj_dim=32, dropout=0.1, attention_dropout=0.1,
             init_std=0.3, pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=tok.eos_token_id, tie_word_embeddings=family == "opt",
         )
         return OPTForCausalLM(config), tok
     if family == "gpt2":
