@@ -32,9 +32,9 @@ def test_minutes_scale_fits_the_three_trainings_into_the_time_left():
     # little time left: at least 60 s is kept for evaluation, and the floor is 0.1
     assert minutes_scale(100.0, plan, 0.5, 0.3) == pytest.approx(40 / 80)
     assert minutes_scale(30.0, plan, 0.5, 0.3) == 0.1
-    # side by side: stage 1 (50 s) with the ablation (15 s) beside it, 1.4x slower while both run
-    # (50 + 0.4 x 15 = 56 s), then stage 2 (15 s): 71 s
-    assert minutes_scale(1000.0, plan, 0.5, 0.3, side_by_side=True) == pytest.approx(850 / 71)
+    # side by side: stage 1 (50 s) with the ablation (15 s) beside it, 1.8x slower while both run
+    # (50 + 0.8 x 15 = 62 s), then stage 2 (15 s): 77 s
+    assert minutes_scale(1000.0, plan, 0.5, 0.3, side_by_side=True) == pytest.approx(850 / 77)
 
 
 def test_plan_scaled_keeps_a_floor_and_no_fine_tune():
