@@ -21,7 +21,8 @@ load them exactly as they would load a downloaded backbone:
   words, padded with a filler to `num_queries`> . caption : ..." and "... question : ... answer :
   ..."), loss only after the scene slot. A tiny LM trained on bare captions cannot be steered by a
   soft prompt once frozen; one trained to read a scene slot can: in stage 2 the Q-Former's soft
-  prompt takes the place of the scene words.
+  prompt takes the place of the scene words. The full world's slot holds one position per object
+  instead, the sum of its words' embeddings (`train_world_lm(slot="objects")`).
 * The BERT is a tiny `BertForPreTraining` trained on the world's text with BERT's two tasks
   (masked words; "is the second text about the same scene?" from [CLS]), saved with a word-level
   tokenizer: the world's stand-in for the bert-base that BLIP-2 starts its Q-Former from.
@@ -868,10 +869,11 @@ def evaluate_world_lm(llm_dir: str | Path, world_level: shapes.Level, *, n: int 
     rng = random.Random(f"{seed}/lm-eval")
     scenes = [shapes.sample_scene(world_level, rng) for _ in range(n)]
     qas = [rng.choice(shapes.make_qa(s, rng)) for s in scenes]
-    slots = [_slot_words(scene_context(s, num_queries=num_queries, filler=filler)) for s in scenes]
     objects = [[f"{o.size} {o.colour} {o.shape} {o.position}" for o in s.objects] for s in scenes]
     if layout == "objects":  # the prompts' slots laid out empty; the objects' vectors go in below
         slots = [" ".join([filler] * num_queries)] * n
+    else:
+        slots = [_slot_words(scene_context(s, num_queries=num_queries, filler=filler)) for s in scenes]
 
     cap_prompts = _lm_inputs(kind, tok, slots, ["caption :"] * n)
     qa_prompts = _lm_inputs(kind, tok, slots, [f"question : {q['question']} answer :" for q in qas])
