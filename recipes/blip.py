@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from qformer.optim import adamw
 from recipes import common
 from recipes.config import ConfigError, differences, to_dict
 
@@ -187,7 +188,7 @@ class BlipRecipe:
             self.ramp_steps = RAMP_EPOCHS[s.recipe] * (self.sampler.steps_per_epoch if self.sampler else 0)
 
         # step 3: optimizer over exactly the parameters the objectives train
-        optimizer = torch.optim.AdamW(common.param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas)
+        optimizer = adamw(common.param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, device=acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.start_step = 0
         resume = common.resolve_resume(s.resume_from, self.output_dir)

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 from tqdm.auto import tqdm
 
+from qformer.optim import adamw
 from recipes import common
 from recipes.config import ConfigError, differences, to_dict
 
@@ -175,7 +176,7 @@ class Stage1Recipe:
         self.skips = SkipReport()
 
         # step 4: optimizer over exactly the trainable parameters
-        optimizer = torch.optim.AdamW(common.param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas)
+        optimizer = adamw(common.param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, device=acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.start_step = 0
         resume = common.resolve_resume(s.resume_from, self.output_dir)

@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from bridges.lora import lora_problems
+from qformer.optim import adamw
 from recipes import common
 from recipes.config import ConfigError, differences, to_dict
 
@@ -187,7 +188,7 @@ class Stage2Recipe:
 
         # step 4: optimizer over exactly the trainable parameters (Q-Former query path, ln_vision, proj,
         # and the LoRA adapters if any)
-        optimizer = torch.optim.AdamW(common.param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas)
+        optimizer = adamw(common.param_groups(model, s.weight_decay), lr=s.lr, betas=s.betas, device=acc.device)
         self.model, self.optimizer = acc.prepare(model, optimizer)
         self.start_step = 0
         resume = common.resolve_resume(s.resume_from, self.output_dir)

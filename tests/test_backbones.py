@@ -337,3 +337,34 @@ def test_train_world_vit_refuses_an_odd_batch_for_twins(tmp_path):
     shapes.generate_world(tmp_path / "w", n_train=8, n_test=0, n_compositional=0, image_size=32, twins=True)
     with pytest.raises(ValueError, match="`batch_size` must be even"):
         backbones.train_world_vit(tmp_path / "w", tmp_path / "out", steps=1, batch_size=3)
+
+
+def test_vit_trains_on_a_world_kept_in_memory_as_on_its_pngs(tmp_path):
+    # `_build_vit`'s path: no PNGs written, the images transformed as they are made
+    kwargs = dict(level="full", n_train=12, n_test=3, n_compositional=0, image_size=32, seed=3, twins=True)
+    shapes.generate_world(tmp_path / "png", **kwargs)
+    kept: dict[str, list] = {"train": [], "test": []}
+    transform = backbones.world_transform(21)
+    info = shapes.generate_world(tmp_path / "mem", write_images=False,
+                                 on_image=lambda split, record, image: kept[split].append((record, transform(image))),
+                                 **kwargs)  # fmt: skip
+    assert info["images_written"] is False and not (tmp_path / "mem" / "images").exists()
+    assert len(kept["train"]) == 12 and len(kept["test"]) == 3
+    for split in ("train", "test"):
+        records = shapes.load_split(tmp_path / "png", split)
+        assert shapes.load_split(tmp_path / "mem", split) == records == [r for r, _ in kept[split]]
+    images = torch.stack([x for _, x in kept["train"]])
+    assert torch.equal(images, backbones._load_images(tmp_path / "png", shapes.load_split(tmp_path / "png", "train"), 21))
+    with pytest.raises(ValueError, match="generated without its images"):
+        backbones._load_images(tmp_path / "mem", shapes.load_split(tmp_path / "mem", "train"), 21)
+
+    small = dict(steps=2, batch_size=4, image_size=21, patch_size=7, width=16, layers=1, heads=2, embed_dim=8,
+                 text_width=16, text_layers=1, context_length=40, model_name="shapesworld-vit-memtest")  # fmt: skip
+    from safetensors.torch import load_file
+
+    _, from_png = backbones.train_world_vit(tmp_path / "png", tmp_path / "a", **small)
+    _, from_memory = backbones.train_world_vit(tmp_path / "mem", tmp_path / "b", images=images, **small)
+    a, b = load_file(from_png), load_file(from_memory)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match=r"`images` must hold the 12 training images"):
+        backbones.train_world_vit(tmp_path / "mem", tmp_path / "c", images=images[:5], **small)

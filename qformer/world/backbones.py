@@ -48,9 +48,11 @@ import torch.nn.functional as F
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
+from qformer.optim import adamw
 from qformer.world import shapes
 
-VERSION = "backbones-v1"
+# v2: the fused AdamW (`qformer.optim.adamw`), whose rounding differs from v1's loop
+VERSION = "backbones-v2"
 LMKind = Literal["opt", "t5"]
 # How the LM's scene slot holds a scene: "words", one attribute word per position (padded with the
 # filler); "objects", one position per object holding the sum of its words' embeddings.
@@ -232,12 +234,24 @@ class _CaptionIds:
         return out
 
 
+def world_transform(image_size: int) -> Callable[[Any], torch.Tensor]:
+    """PIL image -> the world ViT's input tensor (`bridges.vision.eval_transform` with the world's
+    mean and std): the one transform of its training, its evaluation and the demo's."""
+    from bridges.vision import eval_transform
+
+    return eval_transform(image_size, IMAGE_MEAN, IMAGE_STD)
+
+
 def _load_images(world_dir: Path, records: Sequence[dict[str, Any]], image_size: int) -> torch.Tensor:
     from PIL import Image
 
-    from bridges.vision import eval_transform
-
-    transform = eval_transform(image_size, IMAGE_MEAN, IMAGE_STD)
+    info = json.loads((world_dir / "world.json").read_text())
+    if not info.get("images_written", True):
+        raise ValueError(
+            f"the world in {world_dir} was generated without its images (`write_images=False`): generate it "
+            "again with `write_images=True`, or pass its images to `train_world_vit(images=...)`"
+        )
+    transform = world_transform(image_size)
     return torch.stack([transform(Image.open(world_dir / r["image"])) for r in records])
 
 
@@ -271,6 +285,7 @@ def train_world_vit(
     log_every: int = 50,
     model_name: str | None = None,
     on_step: Callable[[], None] | None = None,
+    images: torch.Tensor | None = None,
 ) -> tuple[str, str]:
     """Train a tiny open_clip CLIP on the (image, caption) pairs of the world in `world_dir` and
     save it to `out_dir` as `<name>.json` (the open_clip config, registered) and
@@ -278,7 +293,9 @@ def train_world_vit(
     arguments of `VisionBridge.from_open_clip`. `on_step` is called before every step (the demo
     hands this process its threads back there once the text models trained beside it are done).
     A world written with `twins=True` is shuffled in pairs, so each batch holds every scene beside
-    its shape twin: with open_clip's loss unchanged, shape is then what tells most pairs apart."""
+    its shape twin: with open_clip's loss unchanged, shape is then what tells most pairs apart.
+    `images`: the training split's images as `world_transform(image_size)` makes them, one per
+    record in order (default: read from the world's PNGs)."""
     from open_clip.loss import ClipLoss
     from safetensors.torch import save_file
 
@@ -309,15 +326,21 @@ def train_world_vit(
     config_path.write_text(json.dumps(config, indent=2) + "\n")
     register_vit_config(config_path)
 
+    if images is None:
+        images = _load_images(world_dir, train, image_size)
+    elif tuple(images.shape) != (len(train), 3, image_size, image_size):
+        raise ValueError(
+            f"`images` must hold the {len(train)} training images of {world_dir} as (N, 3, {image_size}, "
+            f"{image_size}) tensors (`world_transform({image_size})`), got shape {tuple(images.shape)}"
+        )
     torch.manual_seed(seed)
     model = create_world_clip(model_name)
-    images = _load_images(world_dir, train, image_size)
     tokens = text_ids(captions)
     n = len(train)
 
     decay = [p for name, p in model.named_parameters() if p.ndim >= 2 and "positional_embedding" not in name]
     no_decay = [p for name, p in model.named_parameters() if not (p.ndim >= 2 and "positional_embedding" not in name)]
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=lr,
         betas=(0.9, 0.98), eps=1e-6,
     )  # fmt: skip
@@ -656,7 +679,7 @@ def train_world_lm(
     empty_slot = f"scene : {' '.join([filler] * num_queries)} ."
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW(
+    optimizer = adamw(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}], lr=lr,
         betas=(0.9, 0.98),
     )  # fmt: skip
@@ -788,8 +811,8 @@ def train_world_bert(
     model = BertForPreTraining(config)
     decay = [p for p in model.parameters() if p.ndim >= 2]
     no_decay = [p for p in model.parameters() if p.ndim < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
-                                  lr=lr, betas=(0.9, 0.98))  # fmt: skip
+    optimizer = adamw([{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+                      lr=lr, betas=(0.9, 0.98))  # fmt: skip
     generator = torch.Generator().manual_seed(seed)
     start = time.perf_counter()
     model.train()
@@ -1070,7 +1093,8 @@ def ensure_backbones(
     recipes that do not start from it. `time_budgets`: at most this many seconds of training for
     "vit", "lm" and "bert" (a missing key: no limit); one that runs out stops early, its learning-rate
     schedule compressed, and is cached like a full training (its `*_train_info.txt` says how many
-    steps it took, and a later run that finds it says so)."""
+    steps it took, and a later run that finds it says so). A budget makes the schedule follow the
+    clock, so two trainings of one seed then differ a little; without one they are bit-identical."""
     from qformer.side_job import SideJob, worth_it
 
     if level not in shapes.LEVELS:
@@ -1133,10 +1157,21 @@ def _build_vit(vit_dir: Path, name: str, vs: dict[str, Any], level: shapes.Level
     def build(tmp: Path) -> None:
         _log(f"training the ShapesWorld ViT into {vit_dir}")
         world = tmp / "world"
-        shapes.generate_world(world, level=level, seed=seed + 1000, n_compositional=0, **vs["world"])
+        # the training images straight into tensors, no PNGs (the world is cheap to regenerate;
+        # its JSON is kept). One thread: the simple world's 10,000 written and read back took
+        # 17.0 s, kept in memory 7.7 s; the full world's 40,000 114.6 s and 50.6 s
+        transform, train = world_transform(vs["train"]["image_size"]), []
+
+        def keep(split: str, record: dict[str, Any], image: Any) -> None:
+            if split == "train":
+                train.append(transform(image))
+
+        shapes.generate_world(world, level=level, seed=seed + 1000, n_compositional=0, write_images=False,
+                              on_image=keep, **vs["world"])  # fmt: skip
+        images = torch.stack(train)
+        train.clear()  # not two copies of them while the ViT trains
         train_world_vit(world, tmp, seed=seed, model_name=name, on_step=on_step, time_budget_s=budget_s,
-                        **vs["train"])  # fmt: skip
-        shutil.rmtree(world / "images")  # the world is cheap to regenerate; keep its JSON only
+                        images=images, **vs["train"])  # fmt: skip
         (tmp / "settings.txt").write_text(json.dumps(vs, indent=2) + "\n")
 
     _build_atomically(vit_dir, build)

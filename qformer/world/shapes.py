@@ -36,7 +36,7 @@ import random
 import re
 import time
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -591,6 +591,8 @@ def generate_world(
     holdout: Iterable[tuple[str, str]] = DEFAULT_HOLDOUT,
     n_references: int = 5,
     twins: bool = False,
+    write_images: bool = True,
+    on_image: Callable[[str, dict[str, Any], Image.Image], None] | None = None,
 ) -> dict[str, Any]:
     """Write a ShapesWorld to `out_dir` and return its description (also in `world.json`).
 
@@ -601,6 +603,10 @@ def generate_world(
     `twins=True` writes the training split in pairs: items 2k and 2k + 1 show one scene and its
     `shape_twin` (one object's shape changed), for contrastive training that keeps each pair in one
     batch (`backbones.train_world_vit` does when `world.json` says `"twins": true`).
+    `on_image(split, record, image)` is called for every item as it is made (split by split, in
+    order); with `write_images=False` no PNG is written (`world.json` says `"images_written":
+    false`), for a caller that keeps the images it needs in memory (`backbones._build_vit`: the
+    ViT's 10,000 to 40,000 training images, which it would otherwise write and read straight back).
     The same arguments give the same files, byte for byte."""
     holdout = frozenset(tuple(pair) for pair in holdout)  # type: ignore[misc]
     problems = _holdout_problems(holdout)
@@ -623,7 +629,7 @@ def generate_world(
         raise ValueError("Invalid ShapesWorld settings:\n  - " + "\n  - ".join(problems))
 
     out = Path(out_dir)
-    (out / "images").mkdir(parents=True, exist_ok=True)
+    (out / "images" if write_images else out).mkdir(parents=True, exist_ok=True)
     noisy = set(random.Random(f"{seed}/noise").sample(range(n_train), round(noise_fraction * n_train)))
     sizes = {"train": n_train, "test": n_test, "compositional_test": n_compositional}
     for split, n in sizes.items():
@@ -633,7 +639,10 @@ def generate_world(
                 split, i, level=level, seed=seed, image_size=image_size, holdout=holdout,
                 noisy=split == "train" and i in noisy, n_references=n_references, twins=twins,
             )  # fmt: skip
-            image.save(out / record["image"], format="PNG")
+            if write_images:
+                image.save(out / record["image"], format="PNG")
+            if on_image is not None:
+                on_image(split, record, image)
             records.append(record)
         _write_json_lines(out / f"{split}.json", records)
 
@@ -648,6 +657,7 @@ def generate_world(
         "holdout": [list(pair) for pair in sorted(holdout)],
         "n_references": n_references,
         "twins": twins,
+        "images_written": write_images,
         "splits": {split: {"file": f"{split}.json", "size": n} for split, n in sizes.items()},
         "vocabulary": {
             "shapes": list(SHAPES),
