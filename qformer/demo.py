@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import json
 import shutil
+import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -361,8 +362,9 @@ def run_demo(
         calibration["backbone_budgets_s"] = {k: round(v, 1) for k, v in budgets.items()}
         with clock.phase("calibration"):
             probe = out / "calibration"
-            calibration["stage1_s_per_step"] = _seconds_per_step(Stage1Recipe(settings.stage1(probe / "s1", 6)))
-            calibration["stage2_s_per_step"] = _seconds_per_step(Stage2Recipe(settings.stage2(probe / "s2", None, 6)))
+            steps = CALIBRATION_STEPS
+            calibration["stage1_s_per_step"] = _seconds_per_step(Stage1Recipe(settings.stage1(probe / "s1", steps)))
+            calibration["stage2_s_per_step"] = _seconds_per_step(Stage2Recipe(settings.stage2(probe / "s2", None, steps)))
             shutil.rmtree(probe, ignore_errors=True)
         left = minutes * 60 - (time.perf_counter() - started)
         calibration["scale"] = round(minutes_scale(left, plan, calibration["stage1_s_per_step"],
@@ -469,6 +471,11 @@ def run_demo(
     print_table(metrics)
     return metrics
 
+
+# `--minutes`: steps each stage trains to time its steps (the first two not counted). Was 6, the
+# mean of four: runs 16, 17 and 18 then timed a full-world stage-1 step at 0.49, 0.59 and 0.71 s
+# (0.48 on the idle machine, median of 14), and run 18 ended at 24.9 of its 30 minutes
+CALIBRATION_STEPS = 12
 
 # `--minutes`: the share of the time left after the backbones kept for evaluation and the report
 # (measured: evaluation took 48 s after 307 s of training on the simple world, 80 s after 590 s
@@ -578,15 +585,23 @@ def _on_every_step(recipe, fn) -> None:
 
 
 def _seconds_per_step(recipe, warmup: int = 2) -> float:
-    """Train `recipe` (a few steps) and return its seconds per step after the first `warmup`."""
+    """Train `recipe` (a few steps) and return its seconds per step after the first `warmup`
+    (`per_step`)."""
     from recipes.common import run
 
     marks: list[float] = []
     _on_every_step(recipe, lambda: marks.append(time.perf_counter()))
     run(recipe)
+    return per_step(marks, warmup)
+
+
+def per_step(marks: Sequence[float], warmup: int = 2) -> float:
+    """The median time between consecutive `marks` (the clock at the end of each step) after the
+    first `warmup` steps. The median, not the mean: one slow step among a few (this CPU has them,
+    0.46 to 0.72 s for a full-world stage-1 step) otherwise moves the whole `--minutes` plan."""
     if len(marks) <= warmup:
         raise RuntimeError(f"calibration ran {len(marks)} steps, need more than {warmup}")
-    return (marks[-1] - marks[warmup - 1]) / (len(marks) - warmup)
+    return statistics.median(b - a for a, b in zip(marks[warmup - 1 :], marks[warmup:]))
 
 
 def _write_report(out: Path, metrics, caption, vqa, stage2_model: Path, data: Path, plan: DemoPlan) -> None:

@@ -180,3 +180,14 @@ def test_print_table_breaks_full_world_captions_down_by_objects(capsys):
     row = next(line for line in lines if line.startswith("ablation without stage 1"))
     assert row.split()[-5:] == ["0.250", "/", "4.500", "/", "0.550"]
     assert "--seeds" in lines[lines.index(row) + 1]  # the row is one seed: how to pair several
+
+
+def test_calibration_reads_the_median_step_after_the_warmup():
+    from qformer.demo import per_step
+
+    # steps end at these times: the first two (warm-up) and one slow step are not what a step costs
+    marks = [5.0, 9.0, 9.5, 10.0, 12.0, 12.5, 13.0]
+    assert per_step(marks, warmup=2) == 0.5  # the mean of the same intervals is 0.8
+    assert per_step([0.0, 1.0, 3.0], warmup=1) == 1.5
+    with pytest.raises(RuntimeError, match="calibration ran 2 steps, need more than 2"):
+        per_step([1.0, 2.0], warmup=2)
