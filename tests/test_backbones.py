@@ -128,6 +128,22 @@ def test_train_world_lm_blends_the_scene_slot(kind, tmp_path, monkeypatch):
         backbones.train_world_lm(kind, "simple", tmp_path / "short", slot_blend=0.5, **{**small, "num_queries": 3})
 
 
+def test_noisy_slot_by_hand():
+    torch.manual_seed(0)
+    vectors = torch.randn(64, 8, 128) * torch.linspace(0.1, 10.0, 64)[:, None, None]  # rows of very different scale
+    vectors.requires_grad_(True)
+    out = backbones.noisy_slot(vectors, 0.5, torch.Generator().manual_seed(3))
+    noise = (out - vectors).detach()
+    rms = vectors.detach().pow(2).mean(dim=(1, 2)).sqrt()
+    ratio = noise.std(dim=(1, 2)) / rms
+    assert ratio.min() > 0.45 and ratio.max() < 0.55  # half each row's RMS, whatever its scale
+    assert (noise.mean(dim=(1, 2)).abs() < 0.1 * rms).all()  # centred (six standard errors)
+    torch.testing.assert_close(noise, backbones.noisy_slot(vectors, 0.5, torch.Generator().manual_seed(3)).detach() - vectors.detach())
+    out.sum().backward()  # the RMS is not differentiated through: the gradient passes unchanged
+    torch.testing.assert_close(vectors.grad, torch.ones_like(vectors))
+    torch.testing.assert_close(backbones.noisy_slot(vectors, 0.0, torch.Generator()), vectors)
+
+
 def test_slot_objects_reads_the_objects_of_a_context():
     context, _ = backbones.lm_example("scene : small red circle left , large blue star top right . caption : x", num_queries=12)
     assert backbones.slot_objects(context) == ["small red circle left", "large blue star top right"]
@@ -205,6 +221,21 @@ def test_train_world_lm_with_one_slot_position_per_object(kind, tmp_path, monkey
                              pad_token_id=tok.pad_token_id)  # fmt: skip
     assert found["example_caption"] == tok.batch_decode(gen, skip_special_tokens=True)[0].split("\n")[0].strip()
 
+    # noise on the slot (same seed, texts and places): the weights differ, the run says so
+    monkeypatch.setattr(backbones, "object_slot_embeds", real)
+    noised = []
+    noisy = backbones.noisy_slot
+    monkeypatch.setattr(backbones, "noisy_slot", lambda v, scale, g: noised.append(scale) or noisy(v, scale, g))
+    backbones.train_world_lm(kind, "full", tmp_path / "noisy", slot="objects", slot_noise=0.5, **small)
+    assert noised == [0.5] * 4
+    assert json.loads((tmp_path / "noisy" / "lm_train_info.txt").read_text())["slot_noise"] == 0.5
+    from safetensors.torch import load_file
+
+    plain, with_noise = load_file(tmp_path / "objects" / "model.safetensors"), load_file(tmp_path / "noisy" / "model.safetensors")
+    assert plain.keys() == with_noise.keys() and any(not torch.equal(plain[k], with_noise[k]) for k in plain)
+    for bad in (dict(slot="objects", slot_noise=-0.1), dict(slot_noise=0.5)):  # negative; a slot of words
+        with pytest.raises(ValueError, match="slot_noise"):
+            backbones.train_world_lm(kind, "full", tmp_path / "bad_noise", **bad, **small)
     with pytest.raises(ValueError, match="slot_blend"):
         backbones.train_world_lm(kind, "full", tmp_path / "both", slot="objects", slot_blend=0.5, **small)
     with pytest.raises(ValueError, match="raise `num_queries` to at least 3"):

@@ -27,14 +27,15 @@ def test_minutes_scale_fits_the_three_trainings_into_the_time_left():
     from qformer.demo import DemoPlan, minutes_scale
 
     plan = DemoPlan(stage1_steps=100, stage2_steps=50)
-    # 1000 s left, 15% (150 s) kept for evaluation: 850 s for 100 x 0.5 s + 2 x 50 x 0.3 s = 80 s of steps
-    assert minutes_scale(1000.0, plan, 0.5, 0.3) == pytest.approx(850 / 80)
-    # little time left: at least 60 s is kept for evaluation, and the floor is 0.1
+    # 2000 s left, 5% (100 s) kept for evaluation: 1900 s for 100 x 0.5 s + 2 x 50 x 0.3 s = 80 s of steps
+    assert minutes_scale(2000.0, plan, 0.5, 0.3) == pytest.approx(1900 / 80)
+    # at least 60 s is kept for evaluation (5% of 1000 s is 50), and the floor is 0.1
+    assert minutes_scale(1000.0, plan, 0.5, 0.3) == pytest.approx(940 / 80)
     assert minutes_scale(100.0, plan, 0.5, 0.3) == pytest.approx(40 / 80)
     assert minutes_scale(30.0, plan, 0.5, 0.3) == 0.1
     # side by side: stage 1 (50 s) with the ablation (15 s) beside it, 1.8x slower while both run
     # (50 + 0.8 x 15 = 62 s), then stage 2 (15 s): 77 s
-    assert minutes_scale(1000.0, plan, 0.5, 0.3, side_by_side=True) == pytest.approx(850 / 77)
+    assert minutes_scale(1000.0, plan, 0.5, 0.3, side_by_side=True) == pytest.approx(940 / 77)
 
 
 def test_plan_scaled_keeps_a_floor_and_no_fine_tune():
