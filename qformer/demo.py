@@ -13,6 +13,8 @@ ablation (stage 2 without stage 1), and write `metrics.json` and `report.html`.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import shutil
 import statistics
 import time
@@ -137,6 +139,46 @@ def backbone_budgets(world: str, seconds: float) -> dict[str, float]:
 
 FAST = DemoPlan(n_train=128, n_test=16, n_compositional=8, stage1_steps=4, stage1_batch_size=16, stage2_steps=4,
                 batch_size=16, k_test=4, num_beams=1, retrieval_steps=2)  # fmt: skip
+
+
+def cpu_model(cpuinfo: str) -> str | None:
+    """The CPU's model from the text of Linux's /proc/cpuinfo ("model name" on x86, "Model" or
+    "Hardware" on ARM boards); None where it names none."""
+    for field in ("model name", "Model", "Hardware"):
+        for line in cpuinfo.splitlines():
+            key, sep, value = line.partition(":")
+            if sep and key.strip() == field and value.strip():
+                return value.strip()
+    return None
+
+
+def describe_machine() -> dict[str, Any]:
+    """What a run's seconds were measured on, for metrics.json: the CPU's model, the cores this
+    process may use, the instruction set ATen dispatches its CPU kernels to (AVX2, AVX512, ...),
+    torch's threads and version, and the GPU if there is one. The project's 2-core machines have
+    changed under it between sessions (Intel with AVX2, AMD EPYC with AVX-512), and the demo's
+    wall time with them (README, "The simple world"): timings compare only beside this."""
+    try:
+        cpu = cpu_model(Path("/proc/cpuinfo").read_text())
+    except OSError:
+        cpu = None
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    machine: dict[str, Any] = {
+        "cpu": cpu or platform.processor() or platform.machine() or "unknown",
+        "cores": cores,
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+    }
+    if torch.cuda.is_available():
+        machine["gpu"] = torch.cuda.get_device_name()
+    return machine
+
+
+def machine_row(machine: dict[str, Any]) -> str:
+    """One line of `describe_machine()` for the demos' printed tables."""
+    text = f"{machine['cpu']}, {machine['cores']} cores ({machine['cpu_capability']}), torch {machine['torch']}"
+    return text + (f", {machine['gpu']}" if "gpu" in machine else "")
 
 
 class Clock:
@@ -445,7 +487,8 @@ def run_demo(
     retrieval_model = Path(retrieval_by_set.pop("checkpoint"))
 
     # step 6: the metrics, on held-out images and on the compositional split
-    metrics: dict[str, Any] = {"world": world, "llm": llm, "seed": seed, "plan": plan.__dict__}
+    metrics: dict[str, Any] = {"world": world, "llm": llm, "seed": seed, "plan": plan.__dict__,
+                               "machine": describe_machine()}  # fmt: skip
     if calibration:
         metrics["calibration"] = calibration
     retrieval, caption, vqa = retrieval_by_set["test"], found["caption"], found["vqa"]
@@ -690,6 +733,8 @@ def print_table(metrics: dict[str, Any]) -> None:
             ("compositional: attributes right", f"{c['caption']['exact_match']:.3f}"),
             ("compositional: VQA accuracy", f"{c['vqa']['accuracy']:.3f}"),
         ]
+    if "machine" in metrics:  # absent from older metrics files
+        rows.append(("machine", machine_row(metrics["machine"])))
     rows.append(("seconds", ", ".join(f"{k} {v:.0f}" for k, v in metrics["seconds"].items())))
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from qformer.demo import Clock, world_tokenizer_for_qformer
+from qformer.demo import Clock, describe_machine, machine_row, world_tokenizer_for_qformer
 
 
 @dataclass
@@ -106,7 +106,7 @@ def run_blip_demo(
             models[name] = _pretrain(out / f"blip_{name}", data / "train.json", plan, vision, tokenizer,
                                      seed=seed, share=share)  # fmt: skip
 
-    metrics: dict[str, Any] = {"recipe": "blip", "world": world, "plan": asdict(plan)}
+    metrics: dict[str, Any] = {"recipe": "blip", "world": world, "plan": asdict(plan), "machine": describe_machine()}
     with clock.phase("evaluation"):
         test = data / "test.json"
         sharing = {}
@@ -169,7 +169,7 @@ def print_blip_table(metrics: dict[str, Any]) -> None:
             f"{name}: params (text model) / R@1 (ITM) / CIDEr",
             f"{p['trainable']:,} ({p['text_model']:,}) / {r1(s[name]['retrieval'])} / {s[name]['caption']['cider']:.3f}",
         ))  # fmt: skip
-    _print_rows(rows, metrics["seconds"])
+    _print_rows(rows, metrics["seconds"], metrics.get("machine"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -244,7 +244,7 @@ def run_capfilt_demo(
         injected = [bool(r.get("noisy")) for r in json.loads((web / "train.json").read_text())]
         decisions = load_progress(cleaned)
         metrics: dict[str, Any] = {
-            "recipe": "capfilt", "world": world, "plan": asdict(plan),
+            "recipe": "capfilt", "world": world, "plan": asdict(plan), "machine": describe_machine(),
             "capfilt": {
                 "noise_fraction": plan.noise_fraction,
                 "injected": sum(injected),
@@ -319,7 +319,7 @@ def print_capfilt_table(metrics: dict[str, Any]) -> None:
         ))  # fmt: skip
     captioner = c["captioner"]
     rows.append(("captioner: attributes right / CIDEr", f"{captioner['exact_match']:.3f} / {captioner['cider']:.3f}"))
-    _print_rows(rows, metrics["seconds"])
+    _print_rows(rows, metrics["seconds"], metrics.get("machine"))
 
 
 # ------------------------------------------------------------------------------------------
@@ -396,7 +396,8 @@ def _mean_r1(retrieval: dict[str, Any]) -> float:
     return (retrieval["itm"]["i2t_r1"] + retrieval["itm"]["t2i_r1"]) / 2
 
 
-def _print_rows(rows: list[tuple[str, str]], seconds: dict[str, float]) -> None:
-    rows = [*rows, ("seconds", ", ".join(f"{k} {v:.0f}" for k, v in seconds.items()))]
+def _print_rows(rows: list[tuple[str, str]], seconds: dict[str, float], machine: dict[str, Any] | None = None) -> None:
+    rows = [*rows, *([("machine", machine_row(machine))] if machine else [])]
+    rows.append(("seconds", ", ".join(f"{k} {v:.0f}" for k, v in seconds.items())))
     width = max(len(k) for k, _ in rows)
     print("\n" + "\n".join(f"{k:<{width}}  {v}" for k, v in rows))

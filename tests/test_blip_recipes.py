@@ -389,13 +389,16 @@ def test_blip_demo_writes_metrics_with_the_sharing_ablation(tmp_path, demo_cache
     assert unshared["parameters"]["vision"] == shared["parameters"]["vision"]
     phases = {"data", "backbones", "pre-training (shared)", "pre-training (unshared)", "evaluation", "total"}
     assert phases <= set(metrics["seconds"])
+    assert metrics["machine"]["cores"] >= 1 and metrics["machine"]["torch"]  # what the seconds were measured on
 
 
 def test_capfilt_demo_writes_metrics_with_the_filter_against_the_injected_noise(tmp_path, demo_cache, monkeypatch):
     monkeypatch.setenv("QFORMER_CACHE", str(demo_cache))
     out = tmp_path / "capfilt"
     assert main(["demo", "--recipe", "capfilt", "--out", str(out), "--fast"]) == 0
-    c = json.loads((out / "metrics.json").read_text())["capfilt"]
+    metrics = json.loads((out / "metrics.json").read_text())
+    c = metrics["capfilt"]
+    assert metrics["machine"]["cores"] >= 1 and metrics["machine"]["torch"]
     records = json.loads((out / "data" / "train.json").read_text())
     assert c["injected"] == sum(r["noisy"] for r in records) == round(0.4 * len(records))
     assert {"precision", "recall", "removed_injected", "kept_injected"} <= set(c["filter"])

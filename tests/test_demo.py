@@ -115,6 +115,13 @@ def test_demo_writes_metrics_report_and_checkpoints(tmp_path, monkeypatch):
     assert tuned["options"]["loss_weights"] == {"itc": 0.0, "itm": 4.0, "itg": 1.0}
     html = Path(out / "report.html").read_text()
     assert "<svg" in html and "query 0" in html
+    # the seconds come with what they were measured on
+    import torch
+
+    machine = metrics["machine"]
+    assert machine["torch"] == torch.__version__ and machine["cores"] >= 1 and machine["cpu"]
+    assert machine["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert "<caption>machine</caption>" in html and f"<td class=\"txt\">{machine['cpu_capability']}</td>" in html
 
 
 @pytest.mark.slow
@@ -181,6 +188,39 @@ def test_print_table_breaks_full_world_captions_down_by_objects(capsys):
     row = next(line for line in lines if line.startswith("ablation without stage 1"))
     assert row.split()[-5:] == ["0.250", "/", "4.500", "/", "0.550"]
     assert "--seeds" in lines[lines.index(row) + 1]  # the row is one seed: how to pair several
+
+
+def test_cpu_model_reads_proc_cpuinfo():
+    from qformer.demo import cpu_model
+
+    intel = "processor\t: 0\nvendor_id\t: GenuineIntel\nmodel name\t: Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz\n"
+    assert cpu_model(intel * 2) == "Intel(R) Xeon(R) Platinum 8375C CPU @ 2.90GHz"
+    assert cpu_model("processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu avx512f\n") == "AMD EPYC"
+    # ARM boards: no "model name"; a Raspberry Pi names itself in "Model"
+    assert cpu_model("processor\t: 0\nBogoMIPS\t: 108.00\n\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n") == (
+        "Raspberry Pi 4 Model B Rev 1.4"
+    )
+    assert cpu_model("processor\t: 0\nmodel name\t: \nBogoMIPS\t: 50.00\n") is None  # empty: none named
+    assert cpu_model("") is None
+
+
+def test_print_table_names_the_machine(capsys):
+    from qformer.demo import machine_row, print_table
+
+    scores = {"i2t_r1": 0.9, "t2i_r1": 0.8}
+    metrics = {
+        "retrieval": {"itc": scores, "itm": scores}, "plan": {"qa_per_image": 2}, "vqa": {"accuracy": 0.6},
+        "caption": {"exact_match": 0.3, "bleu4": 0.6, "cider": 4.0}, "seconds": {"total": 10.0},
+        "ablation": {"without_stage1": {"caption": {"cider": 4.5}}},
+        "machine": {"cpu": "AMD EPYC", "cores": 2, "cpu_capability": "AVX512", "torch_threads": 2, "torch": "2.14.1"},
+    }  # fmt: skip
+    print_table(metrics)
+    row = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("machine"))
+    assert row.split(None, 1)[1] == "AMD EPYC, 2 cores (AVX512), torch 2.14.1"
+    assert machine_row({**metrics["machine"], "gpu": "NVIDIA H100"}).endswith(", torch 2.14.1, NVIDIA H100")
+    del metrics["machine"]  # an older metrics file: no row
+    print_table(metrics)
+    assert not any(line.startswith("machine") for line in capsys.readouterr().out.splitlines())
 
 
 def test_calibration_reads_the_median_step_after_the_warmup():
